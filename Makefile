@@ -1,0 +1,34 @@
+# make test   set up .venv, build the extension, run the whole suite
+# make bench  set up .venv, build, run the benchmark on the default device (CUDA if present)
+#
+# The venv sees the system's site-packages, so a torch that is already installed (a CUDA
+# build, say) is reused; only when none imports is $(TORCH_SPEC) installed.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+BENCH_ARGS ?=
+SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: test bench accuracy build venv clean
+
+venv: $(VENV)/.ready
+$(VENV)/.ready:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 pytest hypothesis matplotlib tqdm numpy
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.ready $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench_batchrenorm.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build *.egg-info batchrenorm_cuda/_C*.so $(VENV)

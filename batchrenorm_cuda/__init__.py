@@ -1,0 +1,28 @@
+"""Batch Renormalization (Ioffe 2017) for PyTorch, with fused CPU and CUDA kernels.
+
+    import batchrenorm_cuda as brn
+    layer = brn.BatchRenorm2d(64)            # a drop-in for nn.BatchNorm2d
+    model = brn.convert_batchnorm(model)     # or convert a whole model
+"""
+from . import reference
+from ._ops import extension_available
+from .functional import batch_renorm
+from .modules import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    convert_batchnorm,
+    revert_batchnorm,
+)
+
+__all__ = [
+    "batch_renorm",
+    "extension_available",
+    "reference",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "convert_batchnorm",
+    "revert_batchnorm",
+]
+__version__ = "0.1.0"

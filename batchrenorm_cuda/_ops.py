@@ -1,0 +1,140 @@
+"""The compiled ops: loading `_C`, their fake kernels, and the autograd Functions over them.
+
+Importing `_C` runs its TORCH_LIBRARY registrations (csrc/batchrenorm.cpp). When it is missing
+or fails to load, the package works on the pure-PyTorch reference and says so once, here.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reference import stat_dtype
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.batchrenorm)
+except ImportError as _error:  # pragma: no cover - depends on the build
+    _C = None
+    warnings.warn(
+        "batchrenorm_cuda: the compiled extension batchrenorm_cuda._C could not be loaded "
+        f"({_error}); every call uses the pure-PyTorch reference implementation.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _has_kernel(device_type: str) -> bool:
+    if _C is None or device_type not in _DISPATCH_KEYS:
+        return False
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        "batchrenorm::forward_train", _DISPATCH_KEYS[device_type]
+    )
+
+
+# Computed once: a plain dict lookup on every call costs nothing and traces under torch.compile.
+_AVAILABLE = {device_type: _has_kernel(device_type) for device_type in _DISPATCH_KEYS}
+
+
+def extension_available(device_type: str) -> bool:
+    """Whether fused kernels are built and usable for a device type ("cpu" or "cuda")."""
+    return _AVAILABLE.get(device_type, False)
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The layout the kernels produce for an input of this layout (mirrored in C++):
+    channels_last(_3d) when the input is dense in it, else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+if _C is not None:
+
+    @torch.library.register_fake("batchrenorm::forward_train")
+    def _forward_train_fake(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                            momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
+                            d_max_ramp_steps):
+        stats = [input.new_empty((input.shape[1],), dtype=stat_dtype(input.dtype)) for _ in range(4)]
+        return (torch.empty_like(input, memory_format=memory_format_of(input)), *stats)
+
+    @torch.library.register_fake("batchrenorm::forward_eval")
+    def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
+        return torch.empty_like(input, memory_format=memory_format_of(input))
+
+    @torch.library.register_fake("batchrenorm::backward")
+    def _backward_fake(grad_output, input, weight, mean, invstd, r, d, batch_stats, output_mask):
+        grad_input = (torch.empty_like(input, memory_format=memory_format_of(input))
+                      if output_mask[0] else None)
+        grad_weight = mean.new_empty(mean.shape) if output_mask[1] else None
+        grad_bias = mean.new_empty(mean.shape) if output_mask[2] else None
+        return grad_input, grad_weight, grad_bias
+
+
+def _output_mask(ctx, has_weight: bool, has_bias: bool):
+    return [ctx.needs_input_grad[0], has_weight and ctx.needs_input_grad[1],
+            has_bias and ctx.needs_input_grad[2]]
+
+
+class FusedTrain(torch.autograd.Function):
+    """A training step through batchrenorm::forward_train; backward through batchrenorm::backward.
+
+    r and d are constants for autograd, so backward is BatchNorm's with weight * r as the scale.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
+                r_max: float, d_max: float, warmup_steps: int, r_max_ramp_steps: int,
+                d_max_ramp_steps: int) -> Tensor:
+        output, mean, invstd, r, d = torch.ops.batchrenorm.forward_train(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+            r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
+        ctx.save_for_backward(input, weight, mean, invstd, r, d)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, invstd, r, d)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        input, weight, mean, invstd, r, d = ctx.saved_tensors
+        mask = _output_mask(ctx, weight is not None, ctx.has_bias)
+        grad_input, grad_weight, grad_bias = torch.ops.batchrenorm.backward(
+            grad_output, input, weight, mean, invstd, r, d, True, mask)
+        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+
+
+class FusedEval(torch.autograd.Function):
+    """Inference with the running statistics (nn.BatchNorm's eval), differentiable in x, weight
+    and bias for fine-tuning with frozen statistics."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+        output = torch.ops.batchrenorm.forward_eval(input, weight, bias, running_mean,
+                                                    running_var, eps)
+        ctx.save_for_backward(input, weight, running_mean, running_var)
+        ctx.has_bias = bias is not None
+        ctx.eps = eps
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        input, weight, running_mean, running_var = ctx.saved_tensors
+        mask = _output_mask(ctx, weight is not None, ctx.has_bias)
+        invstd = torch.rsqrt(running_var + ctx.eps)
+        grad_input, grad_weight, grad_bias = torch.ops.batchrenorm.backward(
+            grad_output, input, weight, running_mean, invstd, None, None, False, mask)
+        return grad_input, grad_weight, grad_bias, None, None, None

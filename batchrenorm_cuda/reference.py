@@ -1,0 +1,140 @@
+"""The pure-PyTorch Batch Renormalization: the fallback when the extension is missing, and the
+oracle every fused kernel is tested against.
+
+Written as plainly as the math (Ioffe 2017, Algorithm 1); autograd flows through ordinary ops,
+with r and d detached. Statistics are computed in float32 (float64 for float64 input) whatever
+the input dtype, and the output is cast back to the input's dtype.
+
+The clip-bound schedule and the running-average factor mirror csrc/batchrenorm.h op for op, in
+float64, so that the fused kernels and this file agree on the bounds bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+Bound = Union[float, Tensor]
+
+
+def stat_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of statistics, parameters and buffers for an input dtype."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def ramp_fraction(step: Tensor, warmup_steps: int, ramp_steps: int) -> Tensor:
+    """0 during warm-up, then a linear ramp reaching 1 after ramp_steps (at once if 0)."""
+    t = (step - warmup_steps).to(torch.float64)
+    if ramp_steps <= 0:
+        return (t >= 0).to(torch.float64)
+    return (t / ramp_steps).clamp(0.0, 1.0)
+
+
+def clip_bounds(
+    step: Optional[Tensor],
+    r_max: float,
+    d_max: float,
+    warmup_steps: int = 0,
+    r_max_ramp_steps: int = 0,
+    d_max_ramp_steps: int = 0,
+) -> Tuple[Bound, Bound]:
+    """(r_max, d_max) for a training step, given num_batches_tracked before it.
+
+    Returns float64 tensors on step's device (no host synchronisation), or the final bounds as
+    floats when step is None.
+    """
+    if step is None:
+        return float(r_max), float(d_max)
+    fr = ramp_fraction(step, warmup_steps, r_max_ramp_steps)
+    fd = ramp_fraction(step, warmup_steps, d_max_ramp_steps)
+    return 1.0 + (r_max - 1.0) * fr, d_max * fd
+
+
+def _channel_shape(x: Tensor) -> Tuple[int, ...]:
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def _reduce_dims(x: Tensor) -> Tuple[int, ...]:
+    return (0,) + tuple(range(2, x.dim()))
+
+
+def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape) -> Tensor:
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.01,
+    eps: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    num_batches_tracked: Optional[Tensor] = None,
+    warmup_steps: int = 0,
+    r_max_ramp_steps: int = 0,
+    d_max_ramp_steps: int = 0,
+) -> Tensor:
+    """Batch Renorm forward with the semantics of the `batchrenorm::forward_*` ops.
+
+    Training updates running_mean, running_var and num_batches_tracked in place (when given).
+    Without running statistics, training (and eval) normalise with the batch's statistics and
+    r = 1, d = 0. Arguments are not validated here: batchrenorm_cuda.batch_renorm does that.
+    """
+    sdt = stat_dtype(input.dtype)
+    shape = _channel_shape(input)
+    x = input.to(sdt)
+
+    if not training:
+        invstd = torch.rsqrt(running_var + eps)
+        y = (x - running_mean.view(shape)) * invstd.view(shape)
+        return _affine(y, weight, bias, shape).to(input.dtype)
+
+    dims = _reduce_dims(input)
+    mean = x.mean(dims)
+    var = x.var(dims, correction=0)
+    sigma_b = torch.sqrt(var + eps)
+    y = (x - mean.view(shape)) / sigma_b.view(shape)
+
+    if running_mean is not None:
+        with torch.no_grad():
+            step = num_batches_tracked
+            rmax, dmax = clip_bounds(step, r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
+            if isinstance(rmax, Tensor):
+                rmax, dmax = rmax.to(sdt), dmax.to(sdt)
+            else:
+                rmax, dmax = torch.tensor(rmax, dtype=sdt), torch.tensor(dmax, dtype=sdt)
+            sigma = torch.sqrt(running_var + eps)
+            r = torch.clamp(sigma_b.detach() / sigma, 1.0 / rmax, rmax)
+            d = torch.clamp((mean.detach() - running_mean) / sigma, -dmax, dmax)
+        y = y * r.view(shape) + d.view(shape)
+        _update_running(mean.detach(), var.detach(), input.numel() // input.shape[1],
+                        running_mean, running_var, num_batches_tracked, momentum)
+    return _affine(y, weight, bias, shape).to(input.dtype)
+
+
+@torch.no_grad()
+def _update_running(mean, var, count, running_mean, running_var, num_batches_tracked, momentum):
+    if momentum is None:
+        # Cumulative average, as nn.BatchNorm's momentum=None: factor 1 / (steps so far + 1).
+        factor = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
+        factor = factor.to(mean.dtype)
+    else:
+        factor = momentum
+    unbiased = var * count / (count - 1)
+    # A channel with non-finite batch statistics keeps its buffers (see csrc/batchrenorm.h).
+    finite = torch.isfinite(mean) & torch.isfinite(var)
+    new_mean = (1 - factor) * running_mean + factor * mean
+    new_var = (1 - factor) * running_var + factor * unbiased
+    running_mean.copy_(torch.where(finite, new_mean, running_mean))
+    running_var.copy_(torch.where(finite, new_var, running_var))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)

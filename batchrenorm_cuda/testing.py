@@ -1,0 +1,46 @@
+"""Shapes, dtypes and tolerances shared by the tests and the benchmarks (one source of truth)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .reference import stat_dtype
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# Fused kernel vs reference. Both compute statistics in float32 (float64), so the
+# differences are summation order and, for half types, the final rounding of the output
+# (one ulp: 2^-8 for bf16, 2^-11 for fp16, relative).
+TOLERANCES: Dict[torch.dtype, Dict[str, float]] = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+# ResNet-50's BatchNorm layers: (C, H*W) as (C, H, W).
+RESNET50_SHAPES: Tuple[Tuple[int, int, int], ...] = (
+    (64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
+    (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7),
+)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def tolerance(dtype: torch.dtype) -> Dict[str, float]:
+    return TOLERANCES[dtype]
+
+
+def make_params(channels: int, input_dtype: torch.dtype, device="cpu",
+                generator: Optional[torch.Generator] = None):
+    """Random weight, bias, running_mean, running_var of the dtype the contract asks for."""
+    sdt = stat_dtype(input_dtype)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, dtype=torch.float64).to(device=device, dtype=sdt)
+
+    weight = rand(channels) + 0.5
+    bias = rand(channels) - 0.5
+    running_mean = rand(channels) - 0.5
+    running_var = rand(channels) + 0.5
+    return weight, bias, running_mean, running_var

@@ -1,0 +1,120 @@
+// batchrenorm.h: the torch-free core shared by every backend.
+//
+// Nothing here includes a torch, ATen or c10 header, so the CUDA kernels that include it
+// compile with a plain `nvcc -c` on machines whose torch is a CPU build (CI).
+//
+// Dtype contract (as apex's welford.cu states it): x, y, dy, dx are float, double, half or
+// bfloat16; weight, bias, running_mean, running_var and every per-channel statistic are
+// float (double for double input). Accumulation is in the statistics type.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define BRN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define BRN_HOST_DEVICE inline
+#endif
+
+namespace batchrenorm {
+
+// The paper's clip-bound schedule. `step` is num_batches_tracked before this training step.
+// The first warmup_steps steps are plain BatchNorm (r_max = 1, d_max = 0); then each bound
+// ramps linearly to its final value over its ramp length. A ramp of 0 jumps straight to the
+// final value. Computed in double so that every backend (and batchrenorm_cuda.reference,
+// which mirrors this formula op for op) gets bit-identical bounds.
+struct RenormSchedule {
+  double r_max;
+  double d_max;
+  int64_t warmup_steps;
+  int64_t r_max_ramp_steps;
+  int64_t d_max_ramp_steps;
+};
+
+BRN_HOST_DEVICE double ramp_fraction(int64_t step, int64_t warmup_steps, int64_t ramp_steps) {
+  const int64_t t = step - warmup_steps;
+  if (t < 0) return 0.0;
+  if (ramp_steps <= 0 || t >= ramp_steps) return 1.0;
+  return static_cast<double>(t) / static_cast<double>(ramp_steps);
+}
+
+// has_step == false (the functional API, which has no step counter) means the final bounds.
+BRN_HOST_DEVICE void clip_bounds(const RenormSchedule& s, bool has_step, int64_t step,
+                                 double* r_max, double* d_max) {
+  const double fr = has_step ? ramp_fraction(step, s.warmup_steps, s.r_max_ramp_steps) : 1.0;
+  const double fd = has_step ? ramp_fraction(step, s.warmup_steps, s.d_max_ramp_steps) : 1.0;
+  *r_max = 1.0 + (s.r_max - 1.0) * fr;
+  *d_max = s.d_max * fd;
+}
+
+// Weight of this batch in the running averages: `momentum`, or the cumulative average
+// 1 / (step + 1) when momentum is None (nn.BatchNorm's momentum=None).
+BRN_HOST_DEVICE double running_average_factor(bool cumulative, double momentum, int64_t step) {
+  return cumulative ? 1.0 / static_cast<double>(step + 1) : momentum;
+}
+
+BRN_HOST_DEVICE bool is_finite_value(double v) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+
+template <typename acc_t>
+BRN_HOST_DEVICE acc_t clamp_to(acc_t v, acc_t lo, acc_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// Everything one channel needs after its batch statistics are known.
+template <typename acc_t>
+struct ChannelCoeffs {
+  acc_t invstd;  // 1 / sigma_B
+  acc_t r;       // clip(sigma_B / sigma, 1/r_max, r_max)
+  acc_t d;       // clip((mu_B - running_mean) / sigma, -d_max, d_max)
+  acc_t scale;   // y = x * scale + shift
+  acc_t shift;
+};
+
+// mean and var_biased are this batch's statistics of one channel; run_mean / run_var the
+// running buffers *before* this step's update. has_running == false (no running statistics)
+// gives r = 1, d = 0: plain BatchNorm. weight / bias are 1 / 0 when the layer is not affine.
+template <typename acc_t>
+BRN_HOST_DEVICE ChannelCoeffs<acc_t> renorm_coeffs(acc_t mean, acc_t var_biased, acc_t eps,
+                                                   bool has_running, acc_t run_mean,
+                                                   acc_t run_var, acc_t r_max, acc_t d_max,
+                                                   acc_t weight, acc_t bias) {
+  ChannelCoeffs<acc_t> c;
+  const acc_t sigma_b = sqrt(var_biased + eps);
+  c.invstd = acc_t(1) / sigma_b;
+  if (has_running) {
+    const acc_t sigma = sqrt(run_var + eps);
+    c.r = clamp_to<acc_t>(sigma_b / sigma, acc_t(1) / r_max, r_max);
+    c.d = clamp_to<acc_t>((mean - run_mean) / sigma, -d_max, d_max);
+  } else {
+    c.r = acc_t(1);
+    c.d = acc_t(0);
+  }
+  c.scale = weight * c.r * c.invstd;
+  c.shift = bias + weight * (c.d - c.r * mean * c.invstd);
+  return c;
+}
+
+// The running-buffer update of one channel, as nn.BatchNorm does it (running_var unbiased).
+// A channel whose batch statistics are NaN or inf keeps its buffers: one bad batch must not
+// poison the statistics used at inference. The output of that channel is still non-finite,
+// so the loss shows the problem.
+template <typename acc_t>
+BRN_HOST_DEVICE void update_running(acc_t mean, acc_t var_biased, int64_t count, acc_t factor,
+                                    acc_t* run_mean, acc_t* run_var) {
+  if (!is_finite_value(static_cast<double>(mean)) ||
+      !is_finite_value(static_cast<double>(var_biased))) {
+    return;
+  }
+  const acc_t unbiased = var_biased * static_cast<acc_t>(count) / static_cast<acc_t>(count - 1);
+  *run_mean = (acc_t(1) - factor) * *run_mean + factor * mean;
+  *run_var = (acc_t(1) - factor) * *run_var + factor * unbiased;
+}
+
+}  // namespace batchrenorm
