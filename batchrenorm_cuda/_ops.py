@@ -58,14 +58,19 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _per_channel_like(input: Tensor, count: int):
+    return tuple(input.new_empty((input.shape[1],), dtype=stat_dtype(input.dtype))
+                 for _ in range(count))
+
+
 if _C is not None:
 
     @torch.library.register_fake("batchrenorm::forward_train")
     def _forward_train_fake(input, weight, bias, running_mean, running_var, num_batches_tracked,
                             momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
                             d_max_ramp_steps):
-        stats = [input.new_empty((input.shape[1],), dtype=stat_dtype(input.dtype)) for _ in range(4)]
-        return (torch.empty_like(input, memory_format=memory_format_of(input)), *stats)
+        output = torch.empty_like(input, memory_format=memory_format_of(input))
+        return (output, *_per_channel_like(input, 4))
 
     @torch.library.register_fake("batchrenorm::forward_eval")
     def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
@@ -78,6 +83,22 @@ if _C is not None:
         grad_weight = mean.new_empty(mean.shape) if output_mask[1] else None
         grad_bias = mean.new_empty(mean.shape) if output_mask[2] else None
         return grad_input, grad_weight, grad_bias
+
+    @torch.library.register_fake("batchrenorm::batch_stats")
+    def _batch_stats_fake(input):
+        return _per_channel_like(input, 2)
+
+    @torch.library.register_fake("batchrenorm::normalize")
+    def _normalize_fake(input, scale, shift):
+        return torch.empty_like(input, memory_format=memory_format_of(input))
+
+    @torch.library.register_fake("batchrenorm::backward_reduce")
+    def _backward_reduce_fake(grad_output, input, mean, invstd):
+        return _per_channel_like(input, 2)
+
+    @torch.library.register_fake("batchrenorm::backward_input")
+    def _backward_input_fake(grad_output, input, mean, invstd, scale, mean_dy, mean_dy_xhat):
+        return torch.empty_like(input, memory_format=memory_format_of(input))
 
 
 def _output_mask(ctx, has_weight: bool, has_bias: bool):

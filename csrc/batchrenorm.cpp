@@ -42,4 +42,20 @@ TORCH_LIBRARY(batchrenorm, m) {
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
       "Tensor? r, Tensor? d, bool batch_stats, bool[3] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?)");
+
+  // The building blocks of the fused ops, for SyncBatchRenorm, which merges statistics across
+  // processes between them (as nn.SyncBatchNorm uses batch_norm_stats / _elemt / _reduce):
+  //  batch_stats:     per-channel mean and M2 = sum((x - mean)^2), for Chan merges.
+  //  normalize:       y = x * scale[c] + shift[c].
+  //  backward_reduce: per-channel sum(dy) and sum(dy * xhat), xhat = (x - mean) * invstd.
+  //  backward_input:  dx = scale[c] * (dy - mean_dy[c] - xhat * mean_dy_xhat[c]).
+  // All per-channel tensors are in the statistics dtype; outputs keep the input's layout.
+  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor m2)");
+  m.def("normalize(Tensor input, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xhat)");
+  m.def(
+      "backward_input(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor scale, Tensor mean_dy, Tensor mean_dy_xhat) -> Tensor");
 }
