@@ -108,10 +108,8 @@ def batch_renorm(
         with torch.no_grad():
             step = num_batches_tracked
             rmax, dmax = clip_bounds(step, r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
-            if isinstance(rmax, Tensor):
+            if isinstance(rmax, Tensor):  # on the counter's device: no host synchronisation
                 rmax, dmax = rmax.to(sdt), dmax.to(sdt)
-            else:
-                rmax, dmax = torch.tensor(rmax, dtype=sdt), torch.tensor(dmax, dtype=sdt)
             sigma = torch.sqrt(running_var + eps)
             r = torch.clamp(sigma_b.detach() / sigma, 1.0 / rmax, rmax)
             d = torch.clamp((mean.detach() - running_mean) / sigma, -dmax, dmax)
