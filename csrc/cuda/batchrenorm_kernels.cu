@@ -1,0 +1,942 @@
+// batchrenorm_kernels.cu: torch-free CUDA kernels of every batchrenorm op (see
+// batchrenorm_cuda.h for the interface and the layouts).
+//
+// Single-launch reductions (forward_train, batch_stats, backward, backward_reduce) run in three
+// phases inside one cooperative kernel:
+//   1. "units" (a channel tile x a slice of the reduced axis) are spread over the grid; each CTA
+//      reduces its unit to one partial per channel (Welford mean/M2, or sums of dy and
+//      dy*(x-mean)) and stores it in the workspace. No atomics anywhere.
+//   2. grid.sync(); one warp per channel merges that channel's partials in a fixed order (lane
+//      l takes slices l, l+32, ..., then a fixed shuffle tree), so results are bit-identical
+//      from run to run on a given GPU; lane 0 computes the channel's outputs (r, d, the buffer
+//      updates, gradients) and the coefficients of the elementwise pass.
+//   3. grid.sync(); every CTA revisits its units and writes y (dx) from those coefficients.
+//      x is re-read, mostly from L2 (a 50 MB L2 holds the inputs of most BN layers).
+// Accumulation is in float (double for double input). Statistics use Welford/Chan merges
+// rather than sums of squares, so fp16 inputs near 6e4 keep finite, accurate variances.
+// Indexing is int64 throughout: tensors over 2^31 elements are fine.
+//
+// Layouts: NCHW units are (channel, slice of the N*S values); threads read 16-byte vectors
+// along S when S is a multiple of the vector width (else scalars). NHWC units are (tile of
+// TX*V channels, slice of the N*S rows); threads read 16-byte vectors along C when C is a
+// multiple of the vector width. Small C with large N*S gets many slices, hence many CTAs per
+// channel.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "batchrenorm.h"
+#include "cuda/batchrenorm_cuda.h"
+
+namespace batchrenorm {
+namespace cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float v);
+template <typename T>
+__device__ __forceinline__ T from_acc(double v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* base, int64_t index) {
+  return *reinterpret_cast<const Vec<T, V>*>(base + index);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* base, int64_t index, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(base + index) = v;
+}
+
+// floor(a / b) for 0 <= a < 2^50, b > 0, given inv_b = 1.0 / b from the host: an fp64 multiply
+// and one correction. The 64-bit integer division is a ~70-instruction subroutine whose call
+// also forces register spills; the estimate is within one of the quotient, so one fix-up is
+// exact.
+__device__ __forceinline__ int64_t div_floor(int64_t a, int64_t b, double inv_b) {
+  int64_t q = static_cast<int64_t>(static_cast<double>(a) * inv_b);
+  const int64_t r = a - q * b;
+  if (r < 0) {
+    --q;
+  } else if (r >= b) {
+    ++q;
+  }
+  return q;
+}
+
+// Chan et al.'s merge of (mean_b, m2_b, n_b) into (mean_a, m2_a, n_a). Empty sides are exact.
+template <typename acc_t>
+__device__ __forceinline__ void chan_merge(acc_t& mean_a, acc_t& m2_a, acc_t& n_a, acc_t mean_b,
+                                           acc_t m2_b, acc_t n_b) {
+  if (n_b == acc_t(0)) return;
+  if (n_a == acc_t(0)) {
+    mean_a = mean_b;
+    m2_a = m2_b;
+    n_a = n_b;
+    return;
+  }
+  const acc_t n = n_a + n_b;
+  const acc_t wb = n_b / n;
+  const acc_t delta = mean_b - mean_a;
+  mean_a += delta * wb;
+  m2_a += m2_b + delta * delta * n_a * wb;
+  n_a = n;
+}
+
+enum Mode : int { kTrain = 0, kStats = 1, kBackward = 2, kReduce = 3 };
+
+template <typename T, typename acc_t>
+struct Params {
+  const T* x;
+  const T* dy;
+  T* out;  // y (kTrain) or dx (kBackward); nullptr: no elementwise phase
+  int64_t C;
+  int64_t S;
+  int64_t M;  // values per channel, N * S
+  int64_t splits;
+  int64_t per;  // values (NCHW) or rows (NHWC) per slice
+  int64_t units;
+  int64_t sv;     // NCHW: vectors per (n, c) row, S / V
+  double inv_sv;  // 1.0 / sv
+  int tx;  // NHWC: threads across channel vectors (1 for NCHW); tx * ty == kThreads
+  int ty;
+  int mode;
+  bool batch_stats;
+  bool cumulative;
+  double momentum;
+  double eps;
+  RenormSchedule schedule;
+  const acc_t* weight;
+  const acc_t* bias;
+  acc_t* running_mean;
+  acc_t* running_var;
+  int64_t* num_batches_tracked;
+  const acc_t* mean_in;
+  const acc_t* invstd_in;
+  const acc_t* r_in;
+  const acc_t* d_in;
+  acc_t* out0;  // kTrain: save_mean; kStats: mean; kBackward: grad_weight; kReduce: sum_dy
+  acc_t* out1;  // kTrain: save_invstd; kStats: m2; kBackward: grad_bias; kReduce: sum_dy_xhat
+  acc_t* out2;  // kTrain: r
+  acc_t* out3;  // kTrain: d
+  acc_t* ws;    // [2][splits][C] partials, then [4][C] coefficients
+};
+
+// units < 2^32 (C * splits, splits <= 4 * grid): a 32-bit division, inline.
+template <typename T, typename acc_t>
+__device__ __forceinline__ int64_t unit_group(const Params<T, acc_t>& p, int64_t unit) {
+  return static_cast<uint32_t>(unit) / static_cast<uint32_t>(p.splits);
+}
+
+// The values of one unit that a thread visits: calls f(index, channel of lane 0) for each
+// vector of V values. NCHW: all lanes are one channel; NHWC: lanes are channels c .. c+V-1.
+template <int V, bool NHWC, typename T, typename acc_t, typename F>
+__device__ __forceinline__ void for_each_in_unit(const Params<T, acc_t>& p, int64_t unit, int tx,
+                                                 int ty, F&& f) {
+  const int64_t group = unit_group(p, unit);
+  const int64_t slice = unit - group * p.splits;
+  const int64_t begin = slice * p.per;
+  if (NHWC) {
+    const int64_t c = (group * p.tx + tx) * V;
+    if (c >= p.C) return;
+    const int64_t end = min(begin + p.per, p.M);
+    for (int64_t row = begin + ty; row < end; row += p.ty) f(row * p.C + c, c);
+  } else {
+    const int64_t c = group;
+    const int64_t end = min(begin + p.per, p.M);  // begin, end: multiples of V
+    for (int64_t j = begin / V + ty; j < end / V; j += p.ty) {
+      const int64_t n = div_floor(j, p.sv, p.inv_sv);
+      const int64_t s = j - n * p.sv;
+      f((n * p.C + c) * p.S + s * V, c);
+    }
+  }
+}
+
+// Number of values of one channel in slice `slice`.
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t slice_count(const Params<T, acc_t>& p, int64_t slice) {
+  const int64_t begin = min(slice * p.per, p.M);
+  const int64_t end = min(begin + p.per, p.M);
+  return static_cast<acc_t>(end - begin);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics: forward_train (kTrain) and batch_stats (kStats).
+template <typename T, int V, bool NHWC>
+__global__ void __launch_bounds__(kThreads)
+    welford_kernel(const Params<T, typename AccOf<T>::type> p) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr int R = NHWC ? V : 1;  // per-thread results after the lane merge
+  __shared__ acc_t sm_mean[kThreads * R];
+  __shared__ acc_t sm_m2[kThreads * R];
+  __shared__ acc_t sm_n[kThreads];
+
+  const int tx = threadIdx.x % p.tx;
+  const int ty = threadIdx.x / p.tx;
+  // The step is read before the first grid barrier, and incremented only after it.
+  const int64_t step = p.num_batches_tracked != nullptr ? *p.num_batches_tracked : 0;
+  acc_t* part_mean = p.ws;
+  acc_t* part_m2 = p.ws + p.splits * p.C;
+  acc_t* coef = p.ws + 2 * p.splits * p.C;  // [mean | scale | shift] x C
+
+  // Phase 1: one Welford partial per (slice, channel).
+  for (int64_t unit = blockIdx.x; unit < p.units; unit += gridDim.x) {
+    acc_t mean[V], m2[V];
+    acc_t n = 0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) mean[k] = m2[k] = acc_t(0);
+    for_each_in_unit<V, NHWC>(p, unit, tx, ty, [&](int64_t index, int64_t) {
+      const Vec<T, V> v = load_vec<T, V>(p.x, index);
+      n += acc_t(1);
+      const acc_t inv_n = acc_t(1) / n;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t xv = to_acc(v.v[k]);
+        const acc_t delta = xv - mean[k];
+        mean[k] += delta * inv_n;
+        m2[k] += delta * (xv - mean[k]);
+      }
+    });
+    acc_t cnt = n;
+    if (!NHWC) {
+#pragma unroll
+      for (int k = 1; k < V; ++k) chan_merge(mean[0], m2[0], cnt, mean[k], m2[k], n);
+    }
+    // Tree over ty (fixed order).
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      sm_mean[threadIdx.x * R + k] = mean[k];
+      sm_m2[threadIdx.x * R + k] = m2[k];
+    }
+    sm_n[threadIdx.x] = cnt;
+    __syncthreads();
+    for (int stride = p.ty / 2; stride > 0; stride /= 2) {
+      if (ty < stride) {
+        const int other = threadIdx.x + stride * p.tx;
+        const acc_t n_b = sm_n[other];
+        acc_t n_a = cnt;
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+          acc_t n_k = n_a;
+          chan_merge(mean[k], m2[k], n_k, sm_mean[other * R + k], sm_m2[other * R + k], n_b);
+          cnt = n_k;
+          sm_mean[threadIdx.x * R + k] = mean[k];
+          sm_m2[threadIdx.x * R + k] = m2[k];
+        }
+        sm_n[threadIdx.x] = cnt;
+      }
+      __syncthreads();
+    }
+    if (ty == 0) {
+      const int64_t group = unit_group(p, unit);
+      const int64_t slice = unit - group * p.splits;
+      if (NHWC) {
+        const int64_t c0 = (group * p.tx + tx) * V;
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+          if (c0 + k < p.C) {
+            part_mean[slice * p.C + c0 + k] = mean[k];
+            part_m2[slice * p.C + c0 + k] = m2[k];
+          }
+        }
+      } else {
+        part_mean[slice * p.C + group] = mean[0];
+        part_m2[slice * p.C + group] = m2[0];
+      }
+    }
+    __syncthreads();
+  }
+
+  cg::grid_group grid = cg::this_grid();
+  grid.sync();
+
+  // Phase 2: one warp per channel.
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t c = warp; c < p.C; c += nwarps) {
+    acc_t mean = 0, m2 = 0, n = 0;
+    for (int64_t s = lane; s < p.splits; s += 32) {
+      chan_merge(mean, m2, n, __ldcg(part_mean + s * p.C + c), __ldcg(part_m2 + s * p.C + c),
+                 slice_count(p, s));
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const acc_t mean_b = __shfl_down_sync(0xffffffffu, mean, offset);
+      const acc_t m2_b = __shfl_down_sync(0xffffffffu, m2, offset);
+      const acc_t n_b = __shfl_down_sync(0xffffffffu, n, offset);
+      chan_merge(mean, m2, n, mean_b, m2_b, n_b);
+    }
+    if (lane == 0) {
+      if (p.mode == kStats) {
+        p.out0[c] = mean;
+        p.out1[c] = m2;
+      } else {
+        const acc_t var = m2 / static_cast<acc_t>(p.M);
+        const bool has_running = p.running_mean != nullptr;
+        double r_max = 1.0, d_max = 0.0;
+        clip_bounds(p.schedule, p.num_batches_tracked != nullptr, step, &r_max, &d_max);
+        const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
+        const acc_t b = p.bias != nullptr ? p.bias[c] : acc_t(0);
+        const acc_t run_mean = has_running ? p.running_mean[c] : acc_t(0);
+        const acc_t run_var = has_running ? p.running_var[c] : acc_t(1);
+        const ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
+            mean, var, static_cast<acc_t>(p.eps), has_running, run_mean, run_var,
+            static_cast<acc_t>(r_max), static_cast<acc_t>(d_max), w, b);
+        p.out0[c] = mean;
+        p.out1[c] = k.invstd;
+        p.out2[c] = k.r;
+        p.out3[c] = k.d;
+        // y = (x - mean) * scale + (b + w * d): centred, so no cancellation when |mean| >> std.
+        coef[c] = mean;
+        coef[p.C + c] = k.scale;
+        coef[2 * p.C + c] = b + w * k.d;
+        if (has_running) {
+          const acc_t factor =
+              static_cast<acc_t>(running_average_factor(p.cumulative, p.momentum, step));
+          update_running<acc_t>(mean, var, p.M, factor, p.running_mean + c, p.running_var + c);
+        }
+      }
+    }
+  }
+  if (p.mode == kTrain && p.running_mean != nullptr && p.num_batches_tracked != nullptr &&
+      blockIdx.x == 0 && threadIdx.x == 0) {
+    *p.num_batches_tracked = step + 1;
+  }
+  if (p.out == nullptr) return;  // uniform over the grid
+
+  grid.sync();
+
+  // Phase 3: y = (x - mean) * scale + shift over the same units.
+  for (int64_t unit = blockIdx.x; unit < p.units; unit += gridDim.x) {
+    const int64_t group = unit_group(p, unit);
+    const int64_t c0 = NHWC ? (group * p.tx + tx) * V : group;
+    if (c0 >= p.C) continue;
+    acc_t cm[R], cs[R], ch[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const int64_t c = c0 + k;
+      cm[k] = __ldcg(coef + c);
+      cs[k] = __ldcg(coef + p.C + c);
+      ch[k] = __ldcg(coef + 2 * p.C + c);
+    }
+    for_each_in_unit<V, NHWC>(p, unit, tx, ty, [&](int64_t index, int64_t) {
+      const Vec<T, V> v = load_vec<T, V>(p.x, index);
+      Vec<T, V> o;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int kk = NHWC ? k : 0;
+        o.v[k] = from_acc<T>((to_acc(v.v[k]) - cm[kk]) * cs[kk] + ch[kk]);
+      }
+      store_vec<T, V>(p.out, index, o);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradients: backward (kBackward) and backward_reduce (kReduce).
+template <typename T, int V, bool NHWC>
+__global__ void __launch_bounds__(kThreads)
+    grad_kernel(const Params<T, typename AccOf<T>::type> p) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr int R = NHWC ? V : 1;
+  __shared__ acc_t sm_a[kThreads * R];
+  __shared__ acc_t sm_b[kThreads * R];
+
+  const int tx = threadIdx.x % p.tx;
+  const int ty = threadIdx.x / p.tx;
+  acc_t* part_dy = p.ws;
+  acc_t* part_dyxc = p.ws + p.splits * p.C;
+  acc_t* coef = p.ws + 2 * p.splits * p.C;  // [mean | k | a | b] x C: dx = k*dy + (x-mean)*a + b
+
+  // Phase 1: sum(dy) and sum(dy * (x - mean)) per (slice, channel).
+  for (int64_t unit = blockIdx.x; unit < p.units; unit += gridDim.x) {
+    const int64_t group = unit_group(p, unit);
+    const int64_t c0 = NHWC ? (group * p.tx + tx) * V : group;
+    acc_t mu[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) mu[k] = c0 + k < p.C ? p.mean_in[c0 + k] : acc_t(0);
+    acc_t sdy[V], sdx[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) sdy[k] = sdx[k] = acc_t(0);
+    for_each_in_unit<V, NHWC>(p, unit, tx, ty, [&](int64_t index, int64_t) {
+      const Vec<T, V> g = load_vec<T, V>(p.dy, index);
+      const Vec<T, V> v = load_vec<T, V>(p.x, index);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t gv = to_acc(g.v[k]);
+        sdy[k] += gv;
+        sdx[k] += gv * (to_acc(v.v[k]) - mu[NHWC ? k : 0]);
+      }
+    });
+    if (!NHWC) {
+#pragma unroll
+      for (int k = 1; k < V; ++k) {
+        sdy[0] += sdy[k];
+        sdx[0] += sdx[k];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      sm_a[threadIdx.x * R + k] = sdy[k];
+      sm_b[threadIdx.x * R + k] = sdx[k];
+    }
+    __syncthreads();
+    for (int stride = p.ty / 2; stride > 0; stride /= 2) {
+      if (ty < stride) {
+        const int other = threadIdx.x + stride * p.tx;
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+          sdy[k] += sm_a[other * R + k];
+          sdx[k] += sm_b[other * R + k];
+          sm_a[threadIdx.x * R + k] = sdy[k];
+          sm_b[threadIdx.x * R + k] = sdx[k];
+        }
+      }
+      __syncthreads();
+    }
+    if (ty == 0) {
+      const int64_t slice = unit - group * p.splits;
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if (c0 + k < p.C) {
+          part_dy[slice * p.C + c0 + k] = sdy[k];
+          part_dyxc[slice * p.C + c0 + k] = sdx[k];
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  cg::grid_group grid = cg::this_grid();
+  grid.sync();
+
+  // Phase 2: one warp per channel, fixed summation order.
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t c = warp; c < p.C; c += nwarps) {
+    acc_t sdy = 0, sdx = 0;
+    for (int64_t s = lane; s < p.splits; s += 32) {
+      sdy += __ldcg(part_dy + s * p.C + c);
+      sdx += __ldcg(part_dyxc + s * p.C + c);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      sdy += __shfl_down_sync(0xffffffffu, sdy, offset);
+      sdx += __shfl_down_sync(0xffffffffu, sdx, offset);
+    }
+    if (lane == 0) {
+      const acc_t invstd = p.invstd_in[c];
+      const acc_t sdxhat = sdx * invstd;
+      if (p.mode == kReduce) {
+        p.out0[c] = sdy;
+        p.out1[c] = sdxhat;
+      } else {
+        const acc_t r = p.r_in != nullptr ? p.r_in[c] : acc_t(1);
+        const acc_t d = p.d_in != nullptr ? p.d_in[c] : acc_t(0);
+        if (p.out0 != nullptr) p.out0[c] = r * sdxhat + d * sdy;
+        if (p.out1 != nullptr) p.out1[c] = sdy;
+        const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
+        const acc_t k = w * r * invstd;
+        const acc_t inv_m = acc_t(1) / static_cast<acc_t>(p.M);
+        const acc_t mean_dy = p.batch_stats ? sdy * inv_m : acc_t(0);
+        const acc_t mean_dyxhat = p.batch_stats ? sdxhat * inv_m : acc_t(0);
+        coef[c] = p.mean_in[c];
+        coef[p.C + c] = k;
+        coef[2 * p.C + c] = -k * invstd * mean_dyxhat;
+        coef[3 * p.C + c] = -k * mean_dy;
+      }
+    }
+  }
+  if (p.out == nullptr) return;  // uniform over the grid
+
+  grid.sync();
+
+  // Phase 3: dx = k * dy + (x - mean) * a + b.
+  for (int64_t unit = blockIdx.x; unit < p.units; unit += gridDim.x) {
+    const int64_t group = unit_group(p, unit);
+    const int64_t c0 = NHWC ? (group * p.tx + tx) * V : group;
+    if (c0 >= p.C) continue;
+    acc_t cm[R], ck[R], ca[R], cb[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const int64_t c = c0 + k;
+      cm[k] = __ldcg(coef + c);
+      ck[k] = __ldcg(coef + p.C + c);
+      ca[k] = __ldcg(coef + 2 * p.C + c);
+      cb[k] = __ldcg(coef + 3 * p.C + c);
+    }
+    for_each_in_unit<V, NHWC>(p, unit, tx, ty, [&](int64_t index, int64_t) {
+      const Vec<T, V> g = load_vec<T, V>(p.dy, index);
+      const Vec<T, V> v = load_vec<T, V>(p.x, index);
+      Vec<T, V> o;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int kk = NHWC ? k : 0;
+        o.v[k] = from_acc<T>(ck[kk] * to_acc(g.v[k]) + (to_acc(v.v[k]) - cm[kk]) * ca[kk] +
+                             cb[kk]);
+      }
+      store_vec<T, V>(p.out, index, o);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise ops (forward_eval, normalize, backward_input, and backward without reductions).
+template <typename T, typename acc_t>
+struct ElementwiseParams {
+  const T* x;
+  const T* dy;
+  T* out;
+  int64_t C;
+  int64_t S;
+  int64_t nvec;  // number of V-vectors
+  double inv_c;
+  double inv_s;
+  int mode;
+  acc_t eps;
+  const acc_t* p0;
+  const acc_t* p1;
+  const acc_t* p2;
+  const acc_t* p3;
+  const acc_t* p4;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t ld_or(const acc_t* p, int64_t c, acc_t fallback) {
+  return p != nullptr ? __ldg(p + c) : fallback;
+}
+
+template <typename T, int V, bool NHWC>
+__global__ void __launch_bounds__(kThreads)
+    elementwise_kernel(const ElementwiseParams<T, typename AccOf<T>::type> p) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr int R = NHWC ? V : 1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.nvec;
+       i += stride) {
+    const int64_t index = i * V;
+    int64_t c0;
+    if (NHWC) {
+      c0 = index - div_floor(index, p.C, p.inv_c) * p.C;
+    } else {
+      const int64_t row = div_floor(index, p.S, p.inv_s);
+      c0 = row - div_floor(row, p.C, p.inv_c) * p.C;
+    }
+    // Per lane: out = a * x + b * dy + e, with x centred on m.
+    acc_t m[R], a[R], bb[R], e[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const int64_t c = c0 + k;
+      switch (static_cast<ElementwiseMode>(p.mode)) {
+        case ElementwiseMode::kEval: {
+          const acc_t invstd = acc_t(1) / sqrt(__ldg(p.p1 + c) + p.eps);
+          m[k] = __ldg(p.p0 + c);
+          a[k] = ld_or(p.p2, c, acc_t(1)) * invstd;
+          bb[k] = acc_t(0);
+          e[k] = ld_or(p.p3, c, acc_t(0));
+          break;
+        }
+        case ElementwiseMode::kNormalize:
+          m[k] = acc_t(0);
+          a[k] = __ldg(p.p0 + c);
+          bb[k] = acc_t(0);
+          e[k] = __ldg(p.p1 + c);
+          break;
+        case ElementwiseMode::kBackwardInput: {
+          const acc_t scale = __ldg(p.p2 + c);
+          m[k] = __ldg(p.p0 + c);
+          a[k] = -scale * __ldg(p.p1 + c) * __ldg(p.p4 + c);
+          bb[k] = scale;
+          e[k] = -scale * __ldg(p.p3 + c);
+          break;
+        }
+        default:  // kScaleGrad
+          m[k] = acc_t(0);
+          a[k] = acc_t(0);
+          bb[k] = ld_or(p.p0, c, acc_t(1)) * ld_or(p.p1, c, acc_t(1)) * __ldg(p.p2 + c);
+          e[k] = acc_t(0);
+          break;
+      }
+    }
+    const bool uses_x = p.mode != static_cast<int>(ElementwiseMode::kScaleGrad);
+    const bool uses_dy = p.mode == static_cast<int>(ElementwiseMode::kBackwardInput) ||
+                         p.mode == static_cast<int>(ElementwiseMode::kScaleGrad);
+    Vec<T, V> xv, gv, o;
+    if (uses_x) xv = load_vec<T, V>(p.x, index);
+    if (uses_dy) gv = load_vec<T, V>(p.dy, index);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int kk = NHWC ? k : 0;
+      acc_t val = e[kk];
+      if (uses_x) val += (to_acc(xv.v[k]) - m[kk]) * a[kk];
+      if (uses_dy) val += bb[kk] * to_acc(gv.v[k]);
+      o.v[k] = from_acc<T>(val);
+    }
+    store_vec<T, V>(p.out, index, o);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+template <typename T>
+constexpr int vec_width() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+bool aligned16(const void* ptr) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+// Whether the 16-byte vector path applies: the vectorised dimension is a multiple of V and
+// every element pointer is 16-byte aligned (then so is every vector).
+template <typename T>
+bool can_vectorize(const Layout& L, const void* a, const void* b, const void* c) {
+  constexpr int V = vec_width<T>();
+  const int64_t inner = L.channels_last ? L.C : L.S;
+  return inner % V == 0 && aligned16(a) && aligned16(b) && aligned16(c);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int pow2_ceil(int64_t v) {
+  int p = 1;
+  while (p < v && p < kThreads) p *= 2;
+  return p;
+}
+
+struct Plan {
+  int grid;
+  int tx, ty;
+  int64_t splits, per, units;
+};
+
+// Sizes the grid by occupancy (all CTAs co-resident, as a cooperative launch requires) and by
+// the work (a few vectors per thread at least), then cuts the work into units.
+template <int V>
+cudaError_t make_plan(const Layout& L, const void* kernel, Plan* plan) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorCooperativeLaunchTooLarge;
+  const int64_t M = L.N * L.S;
+  const int64_t total = M * L.C;
+  const int64_t max_grid = static_cast<int64_t>(per_sm) * sms;
+  const int64_t grid0 = std::max<int64_t>(1, std::min(max_grid, ceil_div(total, kThreads * V * 4)));
+  if (L.channels_last) {
+    const int64_t cv = L.C / V;
+    plan->tx = std::min(pow2_ceil(cv), 32);
+    plan->ty = kThreads / plan->tx;
+    const int64_t tiles = ceil_div(cv, plan->tx);
+    const int64_t max_splits = std::max<int64_t>(1, ceil_div(M, plan->ty * 4));
+    plan->splits = std::min(max_splits, std::max<int64_t>(1, grid0 / tiles));
+    plan->per = ceil_div(M, plan->splits);
+    plan->units = tiles * plan->splits;
+  } else {
+    plan->tx = 1;
+    plan->ty = kThreads;
+    const int64_t max_splits = std::max<int64_t>(1, ceil_div(M, kThreads * V * 4));
+    // Several units per CTA when C exceeds the grid keeps the CTAs' loads within ~25%.
+    const int64_t want = L.C <= grid0 ? grid0 / L.C : ceil_div(4 * grid0, L.C);
+    plan->splits = std::min(max_splits, std::max<int64_t>(1, want));
+    plan->per = ceil_div(ceil_div(M, plan->splits), V) * V;
+    plan->units = L.C * plan->splits;
+  }
+  plan->grid = static_cast<int>(std::min(grid0, plan->units));
+  return cudaSuccess;
+}
+
+template <typename acc_t>
+size_t workspace_size(const Plan& plan, const Layout& L) {
+  return static_cast<size_t>((2 * plan.splits + 4) * L.C) * sizeof(acc_t);
+}
+
+// Plans, reports the workspace size, or launches `kernel` cooperatively.
+template <typename T, int V, typename P>
+cudaError_t run_cooperative(void (*kernel)(P), P params, const Layout& layout, void* workspace,
+                            size_t* workspace_bytes, cudaStream_t stream) {
+  using acc_t = typename AccOf<T>::type;
+  Plan plan;
+  cudaError_t err = make_plan<V>(layout, reinterpret_cast<const void*>(kernel), &plan);
+  if (err != cudaSuccess) return err;
+  const size_t need = workspace_size<acc_t>(plan, layout);
+  if (workspace == nullptr) {
+    *workspace_bytes = need;
+    return cudaSuccess;
+  }
+  if (*workspace_bytes < need) return cudaErrorInvalidValue;
+  params.C = layout.C;
+  params.S = layout.S;
+  params.M = layout.N * layout.S;
+  params.splits = plan.splits;
+  params.per = plan.per;
+  params.units = plan.units;
+  params.sv = layout.S / V;
+  params.inv_sv = params.sv > 0 ? 1.0 / static_cast<double>(params.sv) : 0.0;
+  params.tx = plan.tx;
+  params.ty = plan.ty;
+  params.ws = static_cast<acc_t*>(workspace);
+  void* args[] = {&params};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.grid),
+                                     dim3(kThreads), args, 0, stream);
+}
+
+template <typename T, bool Welford>
+cudaError_t dispatch_reduction(Params<T, typename AccOf<T>::type> params, const Layout& layout,
+                               bool vectorize, void* workspace, size_t* workspace_bytes,
+                               cudaStream_t stream) {
+  constexpr int V = vec_width<T>();
+  if (Welford) {
+    if (layout.channels_last) {
+      return vectorize ? run_cooperative<T, V>(welford_kernel<T, V, true>, params, layout,
+                                               workspace, workspace_bytes, stream)
+                       : run_cooperative<T, 1>(welford_kernel<T, 1, true>, params, layout,
+                                               workspace, workspace_bytes, stream);
+    }
+    return vectorize ? run_cooperative<T, V>(welford_kernel<T, V, false>, params, layout,
+                                             workspace, workspace_bytes, stream)
+                     : run_cooperative<T, 1>(welford_kernel<T, 1, false>, params, layout,
+                                             workspace, workspace_bytes, stream);
+  }
+  if (layout.channels_last) {
+    return vectorize ? run_cooperative<T, V>(grad_kernel<T, V, true>, params, layout, workspace,
+                                             workspace_bytes, stream)
+                     : run_cooperative<T, 1>(grad_kernel<T, 1, true>, params, layout, workspace,
+                                             workspace_bytes, stream);
+  }
+  return vectorize ? run_cooperative<T, V>(grad_kernel<T, V, false>, params, layout, workspace,
+                                           workspace_bytes, stream)
+                   : run_cooperative<T, 1>(grad_kernel<T, 1, false>, params, layout, workspace,
+                                           workspace_bytes, stream);
+}
+
+template <typename T>
+cudaError_t forward_train_impl(const ForwardTrainArgs& a, void* workspace,
+                               size_t* workspace_bytes) {
+  using acc_t = typename AccOf<T>::type;
+  Params<T, acc_t> p{};
+  p.x = static_cast<const T*>(a.x);
+  p.out = static_cast<T*>(a.y);
+  p.mode = kTrain;
+  p.cumulative = a.cumulative;
+  p.momentum = a.momentum;
+  p.eps = a.eps;
+  p.schedule = a.schedule;
+  p.weight = static_cast<const acc_t*>(a.weight);
+  p.bias = static_cast<const acc_t*>(a.bias);
+  p.running_mean = static_cast<acc_t*>(a.running_mean);
+  p.running_var = static_cast<acc_t*>(a.running_var);
+  p.num_batches_tracked = a.num_batches_tracked;
+  p.out0 = static_cast<acc_t*>(a.save_mean);
+  p.out1 = static_cast<acc_t*>(a.save_invstd);
+  p.out2 = static_cast<acc_t*>(a.save_r);
+  p.out3 = static_cast<acc_t*>(a.save_d);
+  return dispatch_reduction<T, true>(p, a.layout, can_vectorize<T>(a.layout, a.x, a.y, nullptr),
+                                     workspace, workspace_bytes, a.stream);
+}
+
+template <typename T>
+cudaError_t batch_stats_impl(const BatchStatsArgs& a, void* workspace, size_t* workspace_bytes) {
+  using acc_t = typename AccOf<T>::type;
+  Params<T, acc_t> p{};
+  p.x = static_cast<const T*>(a.x);
+  p.out = nullptr;
+  p.mode = kStats;
+  p.out0 = static_cast<acc_t*>(a.mean);
+  p.out1 = static_cast<acc_t*>(a.m2);
+  return dispatch_reduction<T, true>(p, a.layout,
+                                     can_vectorize<T>(a.layout, a.x, nullptr, nullptr), workspace,
+                                     workspace_bytes, a.stream);
+}
+
+template <typename T>
+cudaError_t backward_impl(const BackwardArgs& a, void* workspace, size_t* workspace_bytes) {
+  using acc_t = typename AccOf<T>::type;
+  Params<T, acc_t> p{};
+  p.x = static_cast<const T*>(a.x);
+  p.dy = static_cast<const T*>(a.dy);
+  p.out = static_cast<T*>(a.dx);
+  p.mode = kBackward;
+  p.batch_stats = a.batch_stats;
+  p.weight = static_cast<const acc_t*>(a.weight);
+  p.mean_in = static_cast<const acc_t*>(a.mean);
+  p.invstd_in = static_cast<const acc_t*>(a.invstd);
+  p.r_in = static_cast<const acc_t*>(a.r);
+  p.d_in = static_cast<const acc_t*>(a.d);
+  p.out0 = static_cast<acc_t*>(a.grad_weight);
+  p.out1 = static_cast<acc_t*>(a.grad_bias);
+  return dispatch_reduction<T, false>(p, a.layout, can_vectorize<T>(a.layout, a.x, a.dy, a.dx),
+                                      workspace, workspace_bytes, a.stream);
+}
+
+template <typename T>
+cudaError_t backward_reduce_impl(const BackwardReduceArgs& a, void* workspace,
+                                 size_t* workspace_bytes) {
+  using acc_t = typename AccOf<T>::type;
+  Params<T, acc_t> p{};
+  p.x = static_cast<const T*>(a.x);
+  p.dy = static_cast<const T*>(a.dy);
+  p.out = nullptr;
+  p.mode = kReduce;
+  p.mean_in = static_cast<const acc_t*>(a.mean);
+  p.invstd_in = static_cast<const acc_t*>(a.invstd);
+  p.out0 = static_cast<acc_t*>(a.sum_dy);
+  p.out1 = static_cast<acc_t*>(a.sum_dy_xhat);
+  return dispatch_reduction<T, false>(p, a.layout, can_vectorize<T>(a.layout, a.x, a.dy, nullptr),
+                                      workspace, workspace_bytes, a.stream);
+}
+
+template <typename T, int V, bool NHWC>
+cudaError_t launch_elementwise(ElementwiseParams<T, typename AccOf<T>::type> p, int64_t total,
+                               cudaStream_t stream) {
+  p.nvec = total / V;
+  if (p.nvec == 0) return cudaSuccess;
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(ceil_div(p.nvec, kThreads), int64_t(sms) * 16));
+  elementwise_kernel<T, V, NHWC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t elementwise_impl(const ElementwiseArgs& a) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr int V = vec_width<T>();
+  ElementwiseParams<T, acc_t> p{};
+  p.x = static_cast<const T*>(a.x);
+  p.dy = static_cast<const T*>(a.dy);
+  p.out = static_cast<T*>(a.out);
+  p.C = a.layout.C;
+  p.S = a.layout.S;
+  p.inv_c = 1.0 / static_cast<double>(a.layout.C);
+  p.inv_s = 1.0 / static_cast<double>(a.layout.S);
+  p.mode = static_cast<int>(a.mode);
+  p.eps = static_cast<acc_t>(a.eps);
+  p.p0 = static_cast<const acc_t*>(a.p[0]);
+  p.p1 = static_cast<const acc_t*>(a.p[1]);
+  p.p2 = static_cast<const acc_t*>(a.p[2]);
+  p.p3 = static_cast<const acc_t*>(a.p[3]);
+  p.p4 = static_cast<const acc_t*>(a.p[4]);
+  const int64_t total = a.layout.N * a.layout.C * a.layout.S;
+  const bool vec = can_vectorize<T>(a.layout, a.x, a.dy, a.out);
+  if (a.layout.channels_last) {
+    return vec ? launch_elementwise<T, V, true>(p, total, a.stream)
+               : launch_elementwise<T, 1, true>(p, total, a.stream);
+  }
+  return vec ? launch_elementwise<T, V, false>(p, total, a.stream)
+             : launch_elementwise<T, 1, false>(p, total, a.stream);
+}
+
+template <template <typename> class Impl, typename Args, typename... Rest>
+cudaError_t by_dtype(const Args& a, Rest... rest) {
+  switch (a.dtype) {
+    case DType::kFloat32:
+      return Impl<float>::run(a, rest...);
+    case DType::kFloat64:
+      return Impl<double>::run(a, rest...);
+    case DType::kFloat16:
+      return Impl<__half>::run(a, rest...);
+    case DType::kBFloat16:
+      return Impl<__nv_bfloat16>::run(a, rest...);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+struct ForwardTrainOp {
+  static cudaError_t run(const ForwardTrainArgs& a, void* ws, size_t* bytes) {
+    return forward_train_impl<T>(a, ws, bytes);
+  }
+};
+template <typename T>
+struct BatchStatsOp {
+  static cudaError_t run(const BatchStatsArgs& a, void* ws, size_t* bytes) {
+    return batch_stats_impl<T>(a, ws, bytes);
+  }
+};
+template <typename T>
+struct BackwardOp {
+  static cudaError_t run(const BackwardArgs& a, void* ws, size_t* bytes) {
+    return backward_impl<T>(a, ws, bytes);
+  }
+};
+template <typename T>
+struct BackwardReduceOp {
+  static cudaError_t run(const BackwardReduceArgs& a, void* ws, size_t* bytes) {
+    return backward_reduce_impl<T>(a, ws, bytes);
+  }
+};
+template <typename T>
+struct ElementwiseOp {
+  static cudaError_t run(const ElementwiseArgs& a) { return elementwise_impl<T>(a); }
+};
+
+}  // namespace
+
+cudaError_t forward_train(const ForwardTrainArgs& args, void* workspace, size_t* workspace_bytes) {
+  return by_dtype<ForwardTrainOp>(args, workspace, workspace_bytes);
+}
+
+cudaError_t batch_stats(const BatchStatsArgs& args, void* workspace, size_t* workspace_bytes) {
+  return by_dtype<BatchStatsOp>(args, workspace, workspace_bytes);
+}
+
+cudaError_t backward(const BackwardArgs& args, void* workspace, size_t* workspace_bytes) {
+  return by_dtype<BackwardOp>(args, workspace, workspace_bytes);
+}
+
+cudaError_t backward_reduce(const BackwardReduceArgs& args, void* workspace,
+                            size_t* workspace_bytes) {
+  return by_dtype<BackwardReduceOp>(args, workspace, workspace_bytes);
+}
+
+cudaError_t elementwise(const ElementwiseArgs& args) { return by_dtype<ElementwiseOp>(args); }
+
+}  // namespace cuda
+}  // namespace batchrenorm
