@@ -1,0 +1,96 @@
+"""The benchmark script runs end to end (--smoke, CPU, in-process) and writes the documented
+results schema. Performance itself is not tested."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import batchrenorm_cuda
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TOP_KEYS = {"device", "torch", "cuda", "csrc_tree", "threads", "copy_gbps", "timestamp",
+            "rows", "loadavg_start", "loadavg_end", "skipped", "errors"}
+ROW_KEYS = {"shape", "layout", "dtype", "impl", "mode", "device_ms", "wall_ms", "gbps",
+            "backend", "p20_ms", "p80_ms", "reps"}
+
+
+@pytest.fixture(scope="module")
+def smoke_result(tmp_path_factory):
+    bench = _load("bench_batchrenorm")
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--smoke", "--device", "cpu", "--no-progress", "--out", str(out),
+                    "--impls", "brn_fused,bn_native,brn_reference"])
+    finally:
+        torch.set_num_threads(threads)
+    return bench, out, json.loads(out.read_text())
+
+
+def test_smoke_writes_json_markdown_and_plot(smoke_result):
+    bench, out, result = smoke_result
+    assert TOP_KEYS <= set(result)
+    assert result["cuda"] is None and result["copy_gbps"] is None
+    assert result["threads"] >= 1 and result["device"]
+    assert result["errors"] == []
+    assert out.with_suffix(".md").read_text().startswith("# Batch Renorm benchmark")
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_smoke_rows(smoke_result):
+    bench, _, result = smoke_result
+    impls = ["bn_native", "brn_reference"]
+    if batchrenorm_cuda.extension_available("cpu"):
+        impls.append("brn_fused")
+    else:
+        assert "brn_fused" in result["skipped"]
+    rows = result["rows"]
+    expected = {(impl, mode, layout, tuple(n_chw))
+                for impl in impls for mode in ("fwd", "bwd", "fwd+bwd")
+                for layout in ("nchw", "channels_last")
+                for n_chw in [(n,) + s for n in bench.SMOKE_BATCH_SIZES for s in bench.SMOKE_SHAPES]}
+    assert {(r["impl"], r["mode"], r["layout"], tuple(r["shape"])) for r in rows} == expected
+    for r in rows:
+        assert ROW_KEYS <= set(r), r
+        assert r["dtype"] == "float32"
+        assert r["device_ms"] > 0 and r["wall_ms"] > 0
+        assert r["p20_ms"] <= r["device_ms"] <= r["p80_ms"]
+        assert r["reps"] == 3
+        numel = 1
+        for d in r["shape"]:
+            numel *= d
+        passes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[r["mode"]]
+        assert r["gbps"] == pytest.approx(passes * numel * 4 / (r["device_ms"] * 1e-3) / 1e9)
+    backends = {r["impl"]: r["backend"] for r in rows}
+    assert backends["bn_native"] == "native" and backends["brn_reference"] == "reference"
+
+
+def test_summary_ratios_against_native(smoke_result):
+    bench, _, result = smoke_result
+    table = bench.summary_table(result["rows"], "bn_native")
+    assert {row[0] for row in table} >= {"brn_reference"}
+    for impl, mode, count, gmean, best, worst in table:
+        assert int(count) == 4
+        assert float(best) <= float(gmean) <= float(worst.split()[0])
+
+
+def test_harness_quantiles_and_bytes():
+    harness = _load("harness")
+    t = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert t.median_ms == 3.0 and t.p20_ms < 3.0 < t.p80_ms and t.reps == 5
+    assert harness.minimal_bytes(10, 2, "fwd+bwd") == 100
+    assert harness.geomean([2.0, 8.0]) == pytest.approx(4.0)
