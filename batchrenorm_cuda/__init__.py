@@ -3,9 +3,11 @@
     import batchrenorm_cuda as brn
     layer = brn.BatchRenorm2d(64)            # a drop-in for nn.BatchNorm2d
     model = brn.convert_batchnorm(model)     # or convert a whole model
+    model = brn.convert_batchnorm(model, sync=True)   # SyncBatchRenorm, for DDP
 """
 from . import reference
 from ._ops import extension_available
+from .distributed import SyncBatchRenorm
 from .functional import batch_renorm
 from .modules import (
     BatchRenorm1d,
@@ -22,6 +24,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "SyncBatchRenorm",
     "convert_batchnorm",
     "revert_batchnorm",
 ]

@@ -1,0 +1,561 @@
+"""SyncBatchRenorm on torch.distributed (gloo, CPU): ranks holding unequal slices of one batch
+against ONE process running the reference Batch Renorm on the whole batch.
+
+Starting a process costs seconds (importing torch), so the distributed scenarios run in two
+jobs, each started once per module: a pair (2 processes, the default group) and a trio
+(3 processes: the default group, a 2-rank subgroup [1, 2] and a 1-rank subgroup [0]). Every
+scenario records its result or its traceback per rank; the tests below check them one by one.
+Each job is bounded by a wall clock (the workers are killed and the tests fail rather than
+hang CI), and every collective by the process group's own timeout.
+"""
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.testing import assert_close
+
+import batchrenorm_cuda as brn
+from batchrenorm_cuda import distributed as brn_dist
+from batchrenorm_cuda import reference
+from batchrenorm_cuda.testing import make_params, tolerance
+
+JOB_TIMEOUT_S = 150
+COLLECTIVE_TIMEOUT_S = 30
+
+C, H, W = 3, 4, 5
+STEPS = 6
+EPS = 1e-5
+# A short schedule so that r and d clipping is active within STEPS: bounds 1 / 0 at step 0,
+# then ramping to their final values by step 3.
+SCHEDULE = dict(r_max=1.25, d_max=0.25, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
+
+BACKENDS = ["reference"] + (["fused"] if brn_dist.fused_blocks_available("cpu") else [])
+BACKEND_PARAMS = [
+    "reference",
+    pytest.param("fused", marks=pytest.mark.skipif(
+        "fused" not in BACKENDS,
+        reason="the fused CPU building blocks (batch_stats, normalize, backward_reduce, "
+               "backward_input) are not built")),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Process harness.
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CollectiveCounter:
+    """Counts the collectives SyncBatchRenorm makes (it looks torch.distributed up at call
+    time, so patching the module's attributes sees every call)."""
+
+    NAMES = ("all_gather", "all_gather_into_tensor", "all_reduce")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.NAMES, 0)
+        for name in self.NAMES:
+            original = getattr(dist, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.counts[_name] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+    def snapshot(self):
+        return dict(self.counts)
+
+
+def _entry(rank, world, port, outdir, job, args):
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        counter = CollectiveCounter()
+        for name, scenario, scenario_args in job(*args):
+            before = counter.snapshot()
+            try:
+                value = scenario(*scenario_args)
+                after = counter.snapshot()
+                results[name] = dict(ok=True, value=value,
+                                     collectives={k: after[k] - before[k] for k in after})
+            except Exception:
+                results[name] = dict(ok=False, error=traceback.format_exc())
+    finally:
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_job(job, world, outdir, *args):
+    """Run the scenarios job(*args) lists on `world` gloo ranks; {name: [result per rank]}."""
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), outdir, job, args),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{job.__name__}: workers still running after {JOB_TIMEOUT_S} s "
+                            "(a collective hangs?)")
+    except mp.ProcessRaisedException as error:
+        pytest.fail(f"{job.__name__}: a worker raised:\n{error}")
+    except mp.ProcessExitedException as error:
+        pytest.fail(f"{job.__name__}: a worker died: {error}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    per_rank = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+                for r in range(world)]
+    return {name: [res[name] for res in per_rank] for name in per_rank[0]}
+
+
+def values(results, name):
+    """The scenario's value on every rank that ran it; fails with the ranks' tracebacks."""
+    assert name in results, f"scenario {name} did not run"
+    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results[name])
+              if not res["ok"]]
+    if errors:
+        pytest.fail(f"scenario {name} raised\n" + "\n".join(errors))
+    return [res for res in results[name] if res["value"] is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: one global batch per step; the i-th rank of the group holds rows
+# [sum(sizes[:i]), sum(sizes[:i + 1])).
+
+def _global_batch(step, n, dtype):
+    g = torch.Generator().manual_seed(1000 + step)
+    # Per-channel scale and offset that change from step to step, so that sigma_B / sigma and
+    # (mu_B - running_mean) / sigma leave the clip bounds.
+    scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 + 0.2).view(1, C, 1, 1)
+    offset = (torch.randn(C, generator=g, dtype=torch.float64) * 2).view(1, C, 1, 1)
+    x = torch.randn((n, C, H, W), generator=g, dtype=torch.float64) * scale + offset
+    grad = torch.randn((n, C, H, W), generator=g, dtype=torch.float64)
+    return x.to(dtype), grad.to(dtype)
+
+
+def _initial_state(dtype, affine=True, tracking=True):
+    weight, bias, running_mean, running_var = make_params(
+        C, dtype, generator=torch.Generator().manual_seed(7))
+    state = {}
+    if affine:
+        state.update(weight=weight, bias=bias)
+    if tracking:
+        state.update(running_mean=running_mean, running_var=running_var,
+                     num_batches_tracked=torch.tensor(0, dtype=torch.long))
+    return state
+
+
+# name: (job, sizes per rank of the group, input dtype, channels_last, layer options)
+CASES = {
+    "w2-f64": ("pair", [3, 5], torch.float64, False, dict(momentum=0.1)),
+    "w3-f64-empty-rank": ("trio", [4, 0, 3], torch.float64, False, dict(momentum=0.1)),
+    "w3-bf16-cumulative": ("trio", [1, 2, 4], torch.bfloat16, False, dict(momentum=None)),
+    # On the subgroup [1, 2] of the trio: group ranks are not global ranks.
+    "sub2-f32-channels_last": ("trio", [5, 2], torch.float32, True, dict(momentum=0.1)),
+    "sub2-f64-empty-first": ("trio", [0, 4], torch.float64, False, dict(momentum=0.1)),
+    "sub2-f32-no-running-stats": ("trio", [2, 6], torch.float32, False,
+                                  dict(momentum=0.1, track_running_stats=False, affine=False)),
+}
+
+
+def _train(group, sizes, dtype, channels_last, options, backend):
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        return None
+    rank = dist.get_rank(group)
+    affine = options.get("affine", True)
+    tracking = options.get("track_running_stats", True)
+    layer = brn.SyncBatchRenorm(C, eps=EPS, **options, **SCHEDULE, process_group=group,
+                                dtype=reference.stat_dtype(dtype))
+    layer._backend = backend
+    layer.load_state_dict(_initial_state(dtype, affine, tracking))
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    steps = []
+    for step in range(STEPS):
+        x, grad = _global_batch(step, sum(sizes), dtype)
+        x = x[lo:hi].contiguous(memory_format=memory_format).requires_grad_()
+        out = layer(x)
+        (out * grad[lo:hi]).sum().backward()
+        steps.append(dict(
+            out=out.detach(), grad_input=x.grad,
+            out_channels_last=out.is_contiguous(memory_format=torch.channels_last),
+            grad_weight=layer.weight.grad.clone() if affine else None,
+            grad_bias=layer.bias.grad.clone() if affine else None,
+            buffers={k: v.clone() for k, v in layer.named_buffers()}))
+        layer.zero_grad()
+    layer.eval()
+    x, _ = _global_batch(STEPS, sum(sizes), dtype)
+    with torch.no_grad():
+        eval_out = layer(x[lo:hi])
+    return dict(steps=steps, eval_out=eval_out,
+                used_fused=brn_dist._use_fused("cpu", layer._backend))
+
+
+def _oracle(sizes, dtype, options):
+    """One process, the reference Batch Renorm on the concatenated batch, step by step. Also
+    counts the steps in which r, and d, were clipped."""
+    affine = options.get("affine", True)
+    tracking = options.get("track_running_stats", True)
+    state = _initial_state(dtype, affine, tracking)
+    weight = state["weight"].requires_grad_() if affine else None
+    bias = state["bias"].requires_grad_() if affine else None
+    rm, rv, nbt = (state.get(k) for k in ("running_mean", "running_var", "num_batches_tracked"))
+    steps, clipped_r, clipped_d = [], 0, 0
+    for step in range(STEPS):
+        x, grad = _global_batch(step, sum(sizes), dtype)
+        x.requires_grad_()
+        if tracking:
+            xs = x.detach().double()
+            sigma = (rv.double() + EPS).sqrt()
+            r_raw = (xs.var((0, 2, 3), correction=0) + EPS).sqrt() / sigma
+            d_raw = (xs.mean((0, 2, 3)) - rm.double()) / sigma
+            r_max, d_max = reference.clip_bounds(nbt, **SCHEDULE)
+            clipped_r += bool((r_max > 1) & ((r_raw > r_max) | (r_raw < 1 / r_max)).any())
+            clipped_d += bool((d_max > 0) & (d_raw.abs() > d_max).any())
+        out = reference.batch_renorm(x, rm, rv, weight, bias, True, options["momentum"], EPS,
+                                     SCHEDULE["r_max"], SCHEDULE["d_max"], nbt,
+                                     SCHEDULE["warmup_steps"], SCHEDULE["r_max_ramp_steps"],
+                                     SCHEDULE["d_max_ramp_steps"])
+        (out * grad).sum().backward()
+        steps.append(dict(out=out.detach(), grad_input=x.grad,
+                          grad_weight=weight.grad.clone() if affine else None,
+                          grad_bias=bias.grad.clone() if affine else None,
+                          buffers=dict(running_mean=rm.clone(), running_var=rv.clone(),
+                                       num_batches_tracked=nbt.clone()) if tracking else {}))
+        if affine:
+            weight.grad = bias.grad = None
+    eval_out = None
+    if tracking:
+        with torch.no_grad():
+            eval_out = reference.batch_renorm(_global_batch(STEPS, sum(sizes), dtype)[0], rm, rv,
+                                              weight, bias, False)
+    return steps, clipped_r, clipped_d, eval_out
+
+
+# ---------------------------------------------------------------------------------------------
+# DistributedDataParallel: one step of a small conv net.
+
+DDP_SIZES = [3, 5]
+DDP_RENORM = dict(momentum=0.1, r_max=1.1, d_max=0.1, warmup_steps=0, r_max_ramp_steps=0,
+                  d_max_ramp_steps=0)
+
+
+def _net(norm, dtype):
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), norm(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1), norm(5), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).to(dtype)
+
+
+def _ddp_batch(n, dtype):
+    g = torch.Generator().manual_seed(11)
+    return (torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64).to(dtype) * 2 + 1,
+            torch.randint(0, 3, (n,), generator=g))
+
+
+def _ddp_step(sizes, dtype):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _net(lambda c: brn.SyncBatchRenorm(c, **DDP_RENORM), dtype)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    x, y = _ddp_batch(sum(sizes), dtype)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    # DDP averages gradients over ranks: scale the local sum so that the average is the
+    # gradient of the mean loss over the whole batch.
+    loss = nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi], reduction="sum")
+    (loss * world / sum(sizes)).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    opt.step()
+    return dict(grads=grads, state={k: v.clone() for k, v in model.state_dict().items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Misuse and fallbacks.
+
+def _mismatched_channels():
+    channels = 4 if dist.get_rank() == 0 else 5
+    layer = brn.SyncBatchRenorm(channels)
+    try:
+        layer(torch.randn(3, channels, 2, 2))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def _steps_against_batchrenorm(shape, make_sync, steps=4):
+    """Train SyncBatchRenorm and BatchRenormNd side by side on the same data; eval too.
+    Unsynchronised, they must agree bit for bit."""
+    renorm_type = {2: brn.BatchRenorm1d, 3: brn.BatchRenorm1d, 4: brn.BatchRenorm2d,
+                   5: brn.BatchRenorm3d}[len(shape)]
+    sync, plain = make_sync(), renorm_type(shape[1], momentum=0.1, **SCHEDULE)
+    plain.load_state_dict(sync.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        x = torch.randn(shape, generator=gen) * (step + 1) + step
+        g = torch.randn(shape, generator=gen)
+        xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yp = sync(xs), plain(xp)
+        (ys * g).sum().backward()
+        (yp * g).sum().backward()
+        assert torch.equal(ys, yp) and torch.equal(xs.grad, xp.grad), f"step {step}"
+        assert torch.equal(sync.weight.grad, plain.weight.grad), f"step {step}"
+    for (name, a), b in zip(sync.named_buffers(), plain.buffers()):
+        assert torch.equal(a, b), name
+    assert int(sync.num_batches_tracked) == steps
+    sync.eval(), plain.eval()
+    x = torch.randn(shape, generator=gen)
+    assert torch.equal(sync(x), plain(x))
+    return True
+
+
+FALLBACK_SHAPES = ((6, C), (6, C, 5), (2, C, 3, 4), (2, C, 2, 3, 2))
+
+
+def _one_rank_group(group):
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        return None
+    for shape in FALLBACK_SHAPES:
+        _steps_against_batchrenorm(
+            shape, lambda: brn.SyncBatchRenorm(shape[1], momentum=0.1, **SCHEDULE,
+                                               process_group=group))
+    return True
+
+
+def _destroyed_group(group):
+    """Run last: a layer whose group was destroyed raises a clear error, no hang, no silent
+    fallback."""
+    layer = brn.SyncBatchRenorm(C, process_group=group)
+    dist.destroy_process_group()
+    try:
+        layer(torch.randn(4, C, 2, 2))
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+# ---------------------------------------------------------------------------------------------
+# The two jobs.
+
+def _train_name(case, backend):
+    return f"train/{case}/{backend}"
+
+
+def pair_job(backends):
+    scenarios = [(_train_name(case, backend), _train, (None,) + CASES[case][1:] + (backend,))
+                 for backend in backends for case in CASES if CASES[case][0] == "pair"]
+    scenarios += [("ddp", _ddp_step, (DDP_SIZES, torch.float64)),
+                  ("mismatch", _mismatched_channels, ())]
+    return scenarios
+
+
+def trio_job(backends):
+    # Every rank creates every group, in the same order (torch.distributed's rule).
+    sub2 = dist.new_group([1, 2])
+    sub1 = dist.new_group([0])
+    scenarios = []
+    for backend in backends:
+        for case, (job, sizes, *rest) in CASES.items():
+            if job == "trio":
+                group = None if len(sizes) == 3 else sub2
+                scenarios.append((_train_name(case, backend), _train,
+                                  (group, sizes, *rest, backend)))
+    scenarios += [("one-rank-group", _one_rank_group, (sub1,)),
+                  ("destroyed-group", _destroyed_group, (sub2,))]
+    return scenarios
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return run_job(pair_job, 2, str(tmp_path_factory.mktemp("pair")), BACKENDS)
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    return run_job(trio_job, 3, str(tmp_path_factory.mktemp("trio")), BACKENDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests.
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_one_process_on_the_whole_batch(case, backend, request):
+    job, sizes, dtype, channels_last, options = CASES[case]
+    results = values(request.getfixturevalue(job), _train_name(case, backend))
+    assert len(results) == len(sizes)
+    got_by_rank = [res["value"] for res in results]
+    expected, clipped_r, clipped_d, eval_expected = _oracle(sizes, dtype, options)
+    tol, stat_tol = tolerance(dtype), tolerance(reference.stat_dtype(dtype))
+    tracking = options.get("track_running_stats", True)
+    affine = options.get("affine", True)
+    if tracking:
+        assert clipped_r >= 2 and clipped_d >= 2, "the test data must make r and d clip"
+    assert all(v["used_fused"] == (backend == "fused") for v in got_by_rank)
+
+    for step, want in enumerate(expected):
+        got = [v["steps"][step] for v in got_by_rank]
+        where = f"step {step}"
+        assert_close(torch.cat([g["out"] for g in got]), want["out"], **tol,
+                     msg=lambda m: f"output, {where}: {m}")
+        assert_close(torch.cat([g["grad_input"] for g in got]), want["grad_input"], **tol,
+                     msg=lambda m: f"grad_input, {where}: {m}")
+        if channels_last:
+            assert all(g["out_channels_last"] for g, n in zip(got, sizes) if n > 0)
+        if affine:
+            # DDP sums the ranks' local parameter gradients.
+            assert_close(sum(g["grad_weight"] for g in got), want["grad_weight"], **stat_tol,
+                         msg=lambda m: f"grad_weight, {where}: {m}")
+            assert_close(sum(g["grad_bias"] for g in got), want["grad_bias"], **stat_tol,
+                         msg=lambda m: f"grad_bias, {where}: {m}")
+        for name, value in want["buffers"].items():
+            assert_close(got[0]["buffers"][name], value, **stat_tol,
+                         msg=lambda m: f"{name}, {where}: {m}")
+            for rank in range(1, len(got)):
+                assert torch.equal(got[rank]["buffers"][name], got[0]["buffers"][name]), \
+                    f"{name} differs between group ranks 0 and {rank} after {where}"
+    if tracking:
+        assert int(got_by_rank[0]["steps"][-1]["buffers"]["num_batches_tracked"]) == STEPS
+        assert_close(torch.cat([v["eval_out"] for v in got_by_rank]), eval_expected, **tol)
+    for res in results:
+        # One all_gather per training step plus the [C, dtype] header once, one all_reduce
+        # per backward, and nothing for eval.
+        assert res["collectives"] == dict(all_gather=STEPS + 1, all_gather_into_tensor=0,
+                                          all_reduce=STEPS)
+
+
+def test_ddp_step_matches_one_process(pair):
+    results = [res["value"] for res in values(pair, "ddp")]
+    dtype = torch.float64
+    model = _net(lambda c: brn.BatchRenorm2d(c, **DDP_RENORM), dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = _ddp_batch(sum(DDP_SIZES), dtype)
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    opt.step()
+    tol = tolerance(dtype)
+    for res in results:
+        for k, g in grads.items():
+            assert_close(res["grads"][k], g, **tol, msg=lambda m: f"grad of {k}: {m}")
+        for k, v in model.state_dict().items():
+            assert_close(res["state"][k], v, **tol, msg=lambda m: f"{k} after the step: {m}")
+        for k, v in results[0]["state"].items():
+            assert torch.equal(res["state"][k], v), f"{k} differs between ranks"
+    # The buffers moved: the batch's statistics are not the initial 0 and 1.
+    assert not torch.allclose(model[1].running_mean, torch.zeros(4, dtype=dtype))
+
+
+def test_channel_mismatch_raises_on_every_rank(pair):
+    messages = [res["value"] for res in values(pair, "mismatch")]
+    assert len(messages) == 2
+    for message in messages:
+        assert "disagree on the number of channels" in message, message
+        assert "rank 0: C=4" in message and "rank 1: C=5" in message, message
+
+
+def test_one_rank_group_is_batchrenorm(trio):
+    (result,) = values(trio, "one-rank-group")
+    assert result["value"] is True
+    assert result["collectives"] == dict.fromkeys(CollectiveCounter.NAMES, 0)
+
+
+def test_destroyed_group_raises(trio):
+    for res in values(trio, "destroyed-group"):
+        assert "torch.distributed is not initialized" in res["value"], res["value"]
+
+
+def test_uninitialised_is_batchrenorm():
+    assert not dist.is_initialized()
+    for shape in FALLBACK_SHAPES:
+        assert _steps_against_batchrenorm(
+            shape, lambda: brn.SyncBatchRenorm(shape[1], momentum=0.1, **SCHEDULE))
+    # The same checks as BatchRenorm's on one process.
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        brn.SyncBatchRenorm(C)(torch.randn(1, C))
+    with pytest.raises(ValueError, match="rank >= 2"):
+        brn.SyncBatchRenorm(C)(torch.randn(C))
+    with pytest.raises(ValueError, match="expected num_features=3"):
+        brn.SyncBatchRenorm(C)(torch.randn(2, 4, 3))
+
+
+def test_process_group_without_init_raises():
+    layer = brn.SyncBatchRenorm(C, process_group=object())
+    with pytest.raises(RuntimeError, match="process_group was given but torch.distributed is "
+                                           "not initialized"):
+        layer(torch.randn(4, C, 2, 2))
+    layer.eval()  # eval never synchronises, so it needs no group
+    assert layer(torch.randn(4, C, 2, 2)).shape == (4, C, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# convert_batchnorm / revert_batchnorm.
+
+def _bn_model():
+    return nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(),
+                         nn.Sequential(nn.BatchNorm1d(4), nn.SyncBatchNorm(4, eps=1e-3)),
+                         nn.BatchNorm3d(4))
+
+
+def _norms(model):
+    return [model[1], model[3][0], model[3][1], model[4]]
+
+
+def test_convert_sync_and_revert():
+    group = object()
+    model = _bn_model()
+    model[1].running_mean.fill_(0.5)
+    converted = brn.convert_batchnorm(model, sync=True, process_group=group, r_max=2.0)
+    for layer in _norms(converted):
+        assert type(layer) is brn.SyncBatchRenorm
+        assert layer.process_group is group and layer.r_max == 2.0
+    assert converted[1].momentum == 0.3 and converted[3][1].eps == 1e-3
+    assert converted[1].running_mean is model[1].running_mean
+    assert torch.all(converted[1].running_mean == 0.5)
+
+    reverted = brn.revert_batchnorm(converted)
+    for layer in _norms(reverted):
+        assert type(layer) is nn.SyncBatchNorm and layer.process_group is group
+    assert reverted[1].weight is model[1].weight
+
+
+def test_convert_without_sync_keeps_plain_layers_plain():
+    own_group = object()
+    model = _bn_model()
+    model[3][1].process_group = own_group
+    converted = brn.convert_batchnorm(model)
+    assert [type(m) for m in _norms(converted)] == \
+        [brn.BatchRenorm2d, brn.BatchRenorm1d, brn.SyncBatchRenorm, brn.BatchRenorm3d]
+    # nn.SyncBatchNorm was already synchronised: it stays so, with its own group.
+    assert converted[3][1].process_group is own_group
+
+    reverted = brn.revert_batchnorm(converted)
+    assert [type(m) for m in _norms(reverted)] == \
+        [nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm, nn.BatchNorm3d]
+    assert reverted[3][1].process_group is own_group
+    synced = brn.revert_batchnorm(brn.convert_batchnorm(_bn_model()), sync=True)
+    assert all(type(m) is nn.SyncBatchNorm for m in _norms(synced))
+
+
+def test_state_dict_moves_between_sync_and_plain():
+    sync = brn.SyncBatchRenorm(C, momentum=0.1, **SCHEDULE)
+    sync.running_mean.fill_(0.25)
+    sync.num_batches_tracked.fill_(7)
+    plain = brn.BatchRenorm2d(C, **SCHEDULE)
+    plain.load_state_dict(sync.state_dict())
+    assert torch.equal(plain.running_mean, sync.running_mean)
+    assert sync.clip_bounds() == plain.clip_bounds() == (SCHEDULE["r_max"], SCHEDULE["d_max"])
