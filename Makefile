@@ -16,7 +16,7 @@ venv: $(VENV)/.ready
 $(VENV)/.ready:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 pytest hypothesis matplotlib tqdm numpy
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 pytest hypothesis matplotlib tqdm numpy mnist1d scikit-learn
 	touch $@
 
 build: $(VENV)/.built
@@ -29,6 +29,9 @@ test: build
 
 bench: build
 	$(PY) benchmarks/bench_batchrenorm.py $(BENCH_ARGS)
+
+accuracy: build
+	$(PY) benchmarks/accuracy.py $(ACCURACY_ARGS)
 
 clean:
 	rm -rf build *.egg-info batchrenorm_cuda/_C*.so $(VENV)

@@ -1,0 +1,124 @@
+"""The accuracy experiment (benchmarks/accuracy.py): its microbatch wrapper, and a smoke run."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import batchrenorm_cuda as brn
+from batchrenorm_cuda.testing import TOLERANCES
+
+pytest.importorskip("mnist1d")
+pytest.importorskip("sklearn")
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "accuracy.py")
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tol(dtype=torch.float32):
+    return TOLERANCES[dtype]
+
+
+@pytest.mark.parametrize("shape,group", [((32, 5, 7), 4), ((32, 5, 7), 2), ((16, 3, 4, 4), 4)])
+def test_microbatch_batchnorm_matches_a_loop_over_groups(accuracy, shape, group):
+    # BatchNorm has no r, d: the wrapper must equal running the layer on each group in turn,
+    # outputs, gradients and running statistics alike.
+    torch.manual_seed(0)
+    cls = nn.BatchNorm1d if len(shape) == 3 else nn.BatchNorm2d
+    ref, layer = cls(shape[1], momentum=0.1), cls(shape[1], momentum=0.1)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    layer.load_state_dict(ref.state_dict())
+    wrapped = accuracy.MicroBatch(layer, group)
+    x = torch.randn(shape) * 3 + 1
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(shape)
+    y_ref = torch.cat([ref(chunk) for chunk in x1.split(group)])
+    y = wrapped(x2)
+    (y_ref * dy).sum().backward()
+    (y * dy).sum().backward()
+    tol = _tol()
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(x2.grad, x1.grad, **tol)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, **tol)
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, **tol)
+    torch.testing.assert_close(layer.running_var, ref.running_var, **tol)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_microbatch_batchrenorm_normalises_each_group_against_the_step_start_buffers(accuracy):
+    # Every group's r and d read the running statistics as they were at the start of the step;
+    # the buffers end as after one update per group; the schedule counter advances by one.
+    torch.manual_seed(1)
+    c, group = 6, 4
+    layer = brn.BatchRenorm1d(c, momentum=0.05, r_max=3.0, d_max=5.0, warmup_steps=0,
+                              r_max_ramp_steps=0, d_max_ramp_steps=0)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    start = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(32, c, 9) * 2 + 0.5
+    y = accuracy.MicroBatch(layer, group)(x)
+
+    expected, rm, rv = [], start["running_mean"].clone(), start["running_var"].clone()
+    for chunk in x.split(group):
+        m0, v0 = start["running_mean"].clone(), start["running_var"].clone()
+        expected.append(brn.batch_renorm(chunk, m0, v0, start["weight"], start["bias"], True,
+                                         0.05, layer.eps, 3.0, 5.0))
+        rm = 0.95 * rm + (m0 - 0.95 * start["running_mean"])  # m0 = 0.95*start + 0.05*mean_k
+        rv = 0.95 * rv + (v0 - 0.95 * start["running_var"])
+    tol = _tol()
+    torch.testing.assert_close(y, torch.cat(expected), **tol)
+    torch.testing.assert_close(layer.running_mean, rm, **tol)
+    torch.testing.assert_close(layer.running_var, rv, **tol)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_noniid_batches_hold_two_classes(accuracy):
+    labels = torch.arange(10).repeat(40).numpy()
+    idx = accuracy.batch_indices("noniid", labels, 50, seed=0)
+    assert idx.shape == (50, 32)
+    for row in idx:
+        classes, counts = torch.unique(torch.as_tensor(labels[row]), return_counts=True)
+        assert len(classes) == 2 and counts.tolist() == [16, 16]
+    iid = accuracy.batch_indices("iid", labels, 30, seed=0)
+    assert len(set(iid[:12].ravel().tolist())) == 12 * 32  # one epoch draws without replacement
+
+
+def test_smoke_run_writes_the_schema(accuracy, tmp_path):
+    out = accuracy.main(["--smoke", "--out-dir", str(tmp_path), "--jobs", "1", "--quiet",
+                         "--steps", "60", "--settings", "iid", "noniid", "micro2"])
+    with open(tmp_path / "accuracy.json") as f:
+        table = json.load(f)
+    assert set(table) == {"mnist1d", "digits"}
+    for dataset, rows in table.items():
+        assert set(rows) == {"iid", "noniid", "micro2"}
+        for setting, cell in rows.items():
+            assert set(cell) == {"bn", "brn"}
+            for layer, accs in cell.items():
+                assert len(accs) == 1
+                assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in accs)
+    # Robust at this size: 60 SGD steps on the 8x8 digits are far above 10 % chance for both.
+    for layer in ("bn", "brn"):
+        assert table["digits"]["iid"][layer][0] > 0.5
+    with open(tmp_path / "accuracy_curves.json") as f:
+        curves = json.load(f)
+    assert curves["meta"]["smoke"] is True
+    node = curves["curves"]["mnist1d"]["iid"]["brn"]
+    assert node["steps"][-1] == 60 and len(node["acc"][0]) == len(node["steps"])
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| setting | BatchNorm | Batch Renorm |" in md
+    assert out["table"] == table
