@@ -268,9 +268,12 @@ class SyncBatchRenormFunction(torch.autograd.Function):
             else:
                 grad_input = torch.zeros_like(input)
         # Local sums: DistributedDataParallel all-reduces parameter gradients itself. Zeros
-        # (not None) on an empty rank, so that DDP's hooks see a gradient on every rank.
+        # (not None) on an empty rank, so that DDP's hooks see a gradient on every rank, and
+        # zeros even when r and d are NaN (every rank empty: 0/0 statistics), as BatchRenorm
+        # gives for an empty batch.
         if ctx.has_weight and need_weight:
-            grad_weight = r * sum_dy_xhat + d * sum_dy
+            grad_weight = (r * sum_dy_xhat + d * sum_dy if input.numel() > 0
+                           else torch.zeros_like(sum_dy))
         if ctx.has_bias and need_bias:
             grad_bias = sum_dy.clone()
         return (grad_input, grad_weight, grad_bias) + (None,) * 13

@@ -337,6 +337,25 @@ def _one_rank_group(group):
     return True
 
 
+def _every_rank_empty(group):
+    """No rank has a sample: as BatchRenorm on an empty batch, buffers untouched, the counter
+    advanced, zero (finite) parameter gradients; the collectives still run."""
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        return None
+    layer = brn.SyncBatchRenorm(C, momentum=0.1, **SCHEDULE, process_group=group)
+    before = {k: v.clone() for k, v in layer.named_buffers()}
+    x = torch.randn(0, C, H, W, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(layer.weight.grad, torch.zeros(C))
+    assert torch.equal(layer.bias.grad, torch.zeros(C))
+    assert torch.equal(layer.running_mean, before["running_mean"])
+    assert torch.equal(layer.running_var, before["running_var"])
+    assert int(layer.num_batches_tracked) == 1
+    return True
+
+
 def _destroyed_group(group):
     """Run last: a layer whose group was destroyed raises a clear error, no hang, no silent
     fallback."""
@@ -375,7 +394,8 @@ def trio_job(backends):
                 group = None if len(sizes) == 3 else sub2
                 scenarios.append((_train_name(case, backend), _train,
                                   (group, sizes, *rest, backend)))
-    scenarios += [("one-rank-group", _one_rank_group, (sub1,)),
+    scenarios += [("every-rank-empty", _every_rank_empty, (sub2,)),
+                  ("one-rank-group", _one_rank_group, (sub1,)),
                   ("destroyed-group", _destroyed_group, (sub2,))]
     return scenarios
 
@@ -472,6 +492,14 @@ def test_one_rank_group_is_batchrenorm(trio):
     (result,) = values(trio, "one-rank-group")
     assert result["value"] is True
     assert result["collectives"] == dict.fromkeys(CollectiveCounter.NAMES, 0)
+
+
+def test_every_rank_empty(trio):
+    results = values(trio, "every-rank-empty")
+    assert len(results) == 2
+    for res in results:
+        assert res["value"] is True
+        assert res["collectives"] == dict(all_gather=2, all_gather_into_tensor=0, all_reduce=1)
 
 
 def test_destroyed_group_raises(trio):
