@@ -1,0 +1,454 @@
+// batchrenorm_cuda.cpp: the CUDA kernels of the `batchrenorm` ops (TORCH_LIBRARY_IMPL(CUDA)).
+//
+// Thin glue: argument checks naming the argument, the input's canonical layout (as
+// batchrenorm_cuda._ops.memory_format_of and csrc/cpu/batchrenorm_cpu.cpp), output allocation in
+// that layout, a device guard, the current stream, and one launcher call per op; the launchers
+// and kernels live in the torch-free batchrenorm_kernels.cu (interface: batchrenorm_cuda.h).
+// Every launcher returns the launch's cudaError_t, checked with C10_CUDA_CHECK.
+//
+// The single-launch reductions need a scratch workspace for their per-CTA partials; it comes
+// from the caching allocator on the current stream (free after warm-up, and capturable in a
+// CUDA graph). The kernel writes every workspace byte before reading it, so it is never
+// memset, and the grid barrier is the cooperative launch's own: no state persists between
+// calls.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "batchrenorm.h"
+#include "cuda/batchrenorm_cuda.h"
+
+namespace batchrenorm {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// Layout.
+
+at::MemoryFormat memory_format_of(const Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+    return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+struct Canonical {
+  Tensor x;  // input, dense in `format`
+  at::MemoryFormat format;
+  Layout layout;
+};
+
+// Contiguous inputs without spatial extent (S == 1) are read as channels-last rows: the same
+// memory, and the layout that vectorises along C.
+Canonical canonical(const Tensor& input) {
+  Canonical c;
+  c.format = memory_format_of(input);
+  c.x = input.contiguous(c.format);
+  c.layout.N = input.size(0);
+  c.layout.C = input.size(1);
+  c.layout.S = 1;
+  for (int64_t i = 2; i < input.dim(); ++i) c.layout.S *= input.size(i);
+  c.layout.channels_last = c.format != at::MemoryFormat::Contiguous || c.layout.S == 1;
+  return c;
+}
+
+Tensor empty_output(const Tensor& input, const Canonical& c) {
+  return at::empty(input.sizes(), input.options().memory_format(c.format));
+}
+
+DType dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    default:
+      break;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+  }
+  TORCH_CHECK(false, "batchrenorm: unsupported input dtype ", x.scalar_type());
+}
+
+at::ScalarType stat_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor per_channel_empty(const Tensor& x) {
+  return at::empty({x.size(1)}, x.options().dtype(stat_type(x)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks (batchrenorm_cuda.batch_renorm validates first; these guard direct callers).
+
+bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_input(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), op, ": input must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 2, op, ": input must have shape (N, C, *) of rank >= 2, got shape ",
+              x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              ": input must be float32, float64, float16 or bfloat16, got ", t);
+}
+
+void check_per_channel(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (C,) = (", C,
+              ",), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == stat_type(x), op, ": ", name, " must be ", stat_type(x),
+              " for ", x.scalar_type(), " input, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ",
+              x.device(), " like input");
+}
+
+void check_per_channel(const char* op, const char* name, const std::optional<Tensor>& t,
+                       const Tensor& x) {
+  if (present(t)) check_per_channel(op, name, *t, x);
+}
+
+void check_grad_output(const char* op, const Tensor& dy, const Tensor& x) {
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output must have the input's shape ",
+              x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": grad_output must be ",
+              x.scalar_type(), " like input, got ", dy.scalar_type());
+  TORCH_CHECK(dy.device() == x.device(), op, ": grad_output is on ", dy.device(), ", expected ",
+              x.device(), " like input");
+}
+
+// A per-channel tensor as a contiguous one (kept alive by the caller), or nullptr when absent.
+const void* ptr_or_null(const std::optional<Tensor>& t, Tensor* keep) {
+  if (!present(t)) return nullptr;
+  *keep = t->contiguous();
+  return keep->data_ptr();
+}
+
+Tensor workspace(const Tensor& like, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_cuda(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+    const std::optional<Tensor>& num_batches_tracked, std::optional<double> momentum,
+    double eps, double r_max, double d_max, int64_t warmup_steps, int64_t r_max_ramp_steps,
+    int64_t d_max_ramp_steps) {
+  constexpr const char* op = "batchrenorm::forward_train";
+  check_input(op, input);
+  check_per_channel(op, "weight", weight, input);
+  check_per_channel(op, "bias", bias, input);
+  check_per_channel(op, "running_mean", running_mean, input);
+  check_per_channel(op, "running_var", running_var, input);
+  const bool has_running = present(running_mean);
+  TORCH_CHECK(has_running == present(running_var), op,
+              ": running_mean and running_var must both be tensors or both be None");
+  const bool has_step = present(num_batches_tracked);
+  if (has_step) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong &&
+                    num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->device() == input.device(),
+                op, ": num_batches_tracked must be an int64 scalar tensor on ", input.device(),
+                ", got ", num_batches_tracked->scalar_type(), " of shape ",
+                num_batches_tracked->sizes(), " on ", num_batches_tracked->device());
+  }
+  TORCH_CHECK(momentum.has_value() || has_step || !has_running, op,
+              ": momentum=None (cumulative average) needs num_batches_tracked");
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK(r_max >= 1.0, op, ": r_max must be >= 1, got ", r_max);
+  TORCH_CHECK(d_max >= 0.0, op, ": d_max must be >= 0, got ", d_max);
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Canonical c = canonical(input);
+  TORCH_CHECK(c.layout.N * c.layout.S > 1, op,
+              ": expected more than 1 value per channel when training, got input size ",
+              input.sizes());
+  Tensor output = empty_output(input, c);
+  Tensor save_mean = per_channel_empty(input), save_invstd = per_channel_empty(input);
+  Tensor save_r = per_channel_empty(input), save_d = per_channel_empty(input);
+  if (c.layout.C == 0) return {output, save_mean, save_invstd, save_r, save_d};
+
+  Tensor w, b, rm, rv;
+  ForwardTrainArgs a{};
+  a.dtype = dtype_of(input);
+  a.layout = c.layout;
+  a.x = c.x.data_ptr();
+  a.y = output.data_ptr();
+  a.weight = ptr_or_null(weight, &w);
+  a.bias = ptr_or_null(bias, &b);
+  if (has_running) {
+    // The kernel updates the buffers in place; a non-contiguous one goes through a copy.
+    rm = running_mean->contiguous();
+    rv = running_var->contiguous();
+    a.running_mean = rm.data_ptr();
+    a.running_var = rv.data_ptr();
+  }
+  a.num_batches_tracked = has_step ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  a.cumulative = !momentum.has_value();
+  a.momentum = momentum.value_or(0.0);
+  a.eps = eps;
+  a.schedule = RenormSchedule{r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps};
+  a.save_mean = save_mean.data_ptr();
+  a.save_invstd = save_invstd.data_ptr();
+  a.save_r = save_r.data_ptr();
+  a.save_d = save_d.data_ptr();
+  a.stream = c10::cuda::getCurrentCUDAStream();
+
+  size_t bytes = 0;
+  C10_CUDA_CHECK(batchrenorm::cuda::forward_train(a, nullptr, &bytes));
+  Tensor ws = workspace(input, bytes);
+  C10_CUDA_CHECK(batchrenorm::cuda::forward_train(a, ws.data_ptr(), &bytes));
+
+  if (has_running) {
+    if (!running_mean->is_same(rm)) running_mean->copy_(rm);
+    if (!running_var->is_same(rv)) running_var->copy_(rv);
+  }
+  return {output, save_mean, save_invstd, save_r, save_d};
+}
+
+Tensor forward_eval_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                    const std::optional<Tensor>& bias, const Tensor& running_mean,
+                    const Tensor& running_var, double eps) {
+  constexpr const char* op = "batchrenorm::forward_eval";
+  check_input(op, input);
+  check_per_channel(op, "weight", weight, input);
+  check_per_channel(op, "bias", bias, input);
+  check_per_channel(op, "running_mean", running_mean, input);
+  check_per_channel(op, "running_var", running_var, input);
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Canonical c = canonical(input);
+  Tensor output = empty_output(input, c);
+  if (input.numel() == 0) return output;
+  Tensor w, b;
+  const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
+  ElementwiseArgs a{};
+  a.dtype = dtype_of(input);
+  a.layout = c.layout;
+  a.mode = ElementwiseMode::kEval;
+  a.x = c.x.data_ptr();
+  a.out = output.data_ptr();
+  a.p[0] = rm.data_ptr();
+  a.p[1] = rv.data_ptr();
+  a.p[2] = ptr_or_null(weight, &w);
+  a.p[3] = ptr_or_null(bias, &b);
+  a.eps = eps;
+  a.stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(elementwise(a));
+  return output;
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                            const std::optional<Tensor>& weight,
+                                            const Tensor& mean, const Tensor& invstd,
+                                            const std::optional<Tensor>& r,
+                                            const std::optional<Tensor>& d, bool batch_stats,
+                                            std::array<bool, 3> output_mask) {
+  constexpr const char* op = "batchrenorm::backward";
+  check_input(op, input);
+  check_grad_output(op, grad_output, input);
+  check_per_channel(op, "weight", weight, input);
+  check_per_channel(op, "mean", mean, input);
+  check_per_channel(op, "invstd", invstd, input);
+  check_per_channel(op, "r", r, input);
+  check_per_channel(op, "d", d, input);
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Canonical c = canonical(input);
+  Tensor grad_input, grad_weight, grad_bias;
+  if (output_mask[0]) grad_input = empty_output(input, c);
+  if (input.numel() == 0) {
+    // Sums over no values.
+    if (output_mask[1]) grad_weight = at::zeros({input.size(1)}, mean.options());
+    if (output_mask[2]) grad_bias = at::zeros({input.size(1)}, mean.options());
+    return {grad_input, grad_weight, grad_bias};
+  }
+  if (output_mask[1]) grad_weight = per_channel_empty(input);
+  if (output_mask[2]) grad_bias = per_channel_empty(input);
+  const Tensor dy = grad_output.contiguous(c.format);
+  Tensor w, rk, dk;
+  const Tensor mk = mean.contiguous(), ik = invstd.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && batch_stats);
+
+  if (!need_sums) {
+    if (!output_mask[0]) return {grad_input, grad_weight, grad_bias};
+    // Constant statistics and only dx: dx = dy * weight * r * invstd, one elementwise pass.
+    ElementwiseArgs a{};
+    a.dtype = dtype_of(input);
+    a.layout = c.layout;
+    a.mode = ElementwiseMode::kScaleGrad;
+    a.dy = dy.data_ptr();
+    a.out = grad_input.data_ptr();
+    a.p[0] = ptr_or_null(weight, &w);
+    a.p[1] = ptr_or_null(r, &rk);
+    a.p[2] = ik.data_ptr();
+    a.stream = stream;
+    C10_CUDA_CHECK(elementwise(a));
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  BackwardArgs a{};
+  a.dtype = dtype_of(input);
+  a.layout = c.layout;
+  a.dy = dy.data_ptr();
+  a.x = c.x.data_ptr();
+  a.weight = ptr_or_null(weight, &w);
+  a.mean = mk.data_ptr();
+  a.invstd = ik.data_ptr();
+  a.r = ptr_or_null(r, &rk);
+  a.d = ptr_or_null(d, &dk);
+  a.batch_stats = batch_stats;
+  a.dx = output_mask[0] ? grad_input.data_ptr() : nullptr;
+  a.grad_weight = output_mask[1] ? grad_weight.data_ptr() : nullptr;
+  a.grad_bias = output_mask[2] ? grad_bias.data_ptr() : nullptr;
+  a.stream = stream;
+  size_t bytes = 0;
+  C10_CUDA_CHECK(batchrenorm::cuda::backward(a, nullptr, &bytes));
+  Tensor ws = workspace(input, bytes);
+  C10_CUDA_CHECK(batchrenorm::cuda::backward(a, ws.data_ptr(), &bytes));
+  return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor> batch_stats_cuda(const Tensor& input) {
+  constexpr const char* op = "batchrenorm::batch_stats";
+  check_input(op, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Canonical c = canonical(input);
+  TORCH_CHECK(c.layout.N * c.layout.S > 0, op,
+              ": expected at least 1 value per channel, got input size ", input.sizes());
+  Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
+  if (c.layout.C == 0) return {mean, m2};
+  BatchStatsArgs a{};
+  a.dtype = dtype_of(input);
+  a.layout = c.layout;
+  a.x = c.x.data_ptr();
+  a.mean = mean.data_ptr();
+  a.m2 = m2.data_ptr();
+  a.stream = c10::cuda::getCurrentCUDAStream();
+  size_t bytes = 0;
+  C10_CUDA_CHECK(batchrenorm::cuda::batch_stats(a, nullptr, &bytes));
+  Tensor ws = workspace(input, bytes);
+  C10_CUDA_CHECK(batchrenorm::cuda::batch_stats(a, ws.data_ptr(), &bytes));
+  return {mean, m2};
+}
+
+Tensor normalize_cuda(const Tensor& input, const Tensor& scale, const Tensor& shift) {
+  constexpr const char* op = "batchrenorm::normalize";
+  check_input(op, input);
+  check_per_channel(op, "scale", scale, input);
+  check_per_channel(op, "shift", shift, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Canonical c = canonical(input);
+  Tensor output = empty_output(input, c);
+  if (input.numel() == 0) return output;
+  const Tensor sk = scale.contiguous(), hk = shift.contiguous();
+  ElementwiseArgs a{};
+  a.dtype = dtype_of(input);
+  a.layout = c.layout;
+  a.mode = ElementwiseMode::kNormalize;
+  a.x = c.x.data_ptr();
+  a.out = output.data_ptr();
+  a.p[0] = sk.data_ptr();
+  a.p[1] = hk.data_ptr();
+  a.stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(elementwise(a));
+  return output;
+}
+
+std::tuple<Tensor, Tensor> backward_reduce_cuda(const Tensor& grad_output, const Tensor& input,
+                                           const Tensor& mean, const Tensor& invstd) {
+  constexpr const char* op = "batchrenorm::backward_reduce";
+  check_input(op, input);
+  check_grad_output(op, grad_output, input);
+  check_per_channel(op, "mean", mean, input);
+  check_per_channel(op, "invstd", invstd, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Canonical c = canonical(input);
+  if (input.numel() == 0) {
+    return {at::zeros({input.size(1)}, mean.options()), at::zeros({input.size(1)}, mean.options())};
+  }
+  Tensor sum_dy = per_channel_empty(input), sum_dy_xhat = per_channel_empty(input);
+  const Tensor dy = grad_output.contiguous(c.format);
+  const Tensor mk = mean.contiguous(), ik = invstd.contiguous();
+  BackwardReduceArgs a{};
+  a.dtype = dtype_of(input);
+  a.layout = c.layout;
+  a.dy = dy.data_ptr();
+  a.x = c.x.data_ptr();
+  a.mean = mk.data_ptr();
+  a.invstd = ik.data_ptr();
+  a.sum_dy = sum_dy.data_ptr();
+  a.sum_dy_xhat = sum_dy_xhat.data_ptr();
+  a.stream = c10::cuda::getCurrentCUDAStream();
+  size_t bytes = 0;
+  C10_CUDA_CHECK(batchrenorm::cuda::backward_reduce(a, nullptr, &bytes));
+  Tensor ws = workspace(input, bytes);
+  C10_CUDA_CHECK(batchrenorm::cuda::backward_reduce(a, ws.data_ptr(), &bytes));
+  return {sum_dy, sum_dy_xhat};
+}
+
+Tensor backward_input_cuda(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+                      const Tensor& invstd, const Tensor& scale, const Tensor& mean_dy,
+                      const Tensor& mean_dy_xhat) {
+  constexpr const char* op = "batchrenorm::backward_input";
+  check_input(op, input);
+  check_grad_output(op, grad_output, input);
+  check_per_channel(op, "mean", mean, input);
+  check_per_channel(op, "invstd", invstd, input);
+  check_per_channel(op, "scale", scale, input);
+  check_per_channel(op, "mean_dy", mean_dy, input);
+  check_per_channel(op, "mean_dy_xhat", mean_dy_xhat, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Canonical c = canonical(input);
+  Tensor grad_input = empty_output(input, c);
+  if (input.numel() == 0) return grad_input;
+  const Tensor dy = grad_output.contiguous(c.format);
+  const Tensor p0 = mean.contiguous(), p1 = invstd.contiguous(), p2 = scale.contiguous();
+  const Tensor p3 = mean_dy.contiguous(), p4 = mean_dy_xhat.contiguous();
+  ElementwiseArgs a{};
+  a.dtype = dtype_of(input);
+  a.layout = c.layout;
+  a.mode = ElementwiseMode::kBackwardInput;
+  a.x = c.x.data_ptr();
+  a.dy = dy.data_ptr();
+  a.out = grad_input.data_ptr();
+  a.p[0] = p0.data_ptr();
+  a.p[1] = p1.data_ptr();
+  a.p[2] = p2.data_ptr();
+  a.p[3] = p3.data_ptr();
+  a.p[4] = p4.data_ptr();
+  a.stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(elementwise(a));
+  return grad_input;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace batchrenorm
+
+TORCH_LIBRARY_IMPL(batchrenorm, CUDA, m) {
+  m.impl("forward_train", &batchrenorm::cuda::forward_train_cuda);
+  m.impl("forward_eval", &batchrenorm::cuda::forward_eval_cuda);
+  m.impl("backward", &batchrenorm::cuda::backward_cuda);
+  m.impl("batch_stats", &batchrenorm::cuda::batch_stats_cuda);
+  m.impl("normalize", &batchrenorm::cuda::normalize_cuda);
+  m.impl("backward_reduce", &batchrenorm::cuda::backward_reduce_cuda);
+  m.impl("backward_input", &batchrenorm::cuda::backward_input_cuda);
+}

@@ -1,0 +1,638 @@
+"""The CUDA kernels (backend="fused" on CUDA tensors) against the reference, and the ops called
+directly on CUDA: every case of tests/test_fused_ops.py on the GPU, plus what only a GPU has
+(layouts and sizes that pick each kernel path, run-to-run bit equality, CUDA-graph capture,
+tensors over 2^31 elements, fp16 inputs near the top of its range).
+
+Skipped (conftest.requires_cuda) without a GPU and the CUDA build of the extension."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+import batchrenorm_cuda as brn
+from batchrenorm_cuda import reference
+from batchrenorm_cuda.functional import _batch_renorm
+from batchrenorm_cuda.testing import DTYPES, make_params, tolerance
+
+from conftest import requires_cuda
+
+pytestmark = requires_cuda
+
+ops = torch.ops.batchrenorm
+DEV = "cuda"
+
+# A schedule that is active from the second step on, so r and d really are clipped.
+SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
+
+
+def _layout(shape, kind):
+    """A random float64 CUDA tensor of `shape` in a layout: contiguous, channels_last(_3d), or a
+    non-contiguous slice of a larger tensor."""
+    if kind == "slice":
+        big = torch.randn((shape[0], shape[1] * 2) + tuple(shape[2:]), dtype=torch.float64,
+                          device=DEV)
+        return big[:, ::2]
+    x = torch.randn(shape, dtype=torch.float64, device=DEV)
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "channels_last_3d":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def _grad_tol(dtype, x):
+    # Parameter grads are sums over the m values of a channel: the tolerance grows with m.
+    tol = tolerance(dtype)
+    m = x.numel() // x.shape[1]
+    return dict(atol=tol["atol"] * max(m, 1) ** 0.5 * 4, rtol=tol["rtol"] * 4)
+
+
+def _buffer_tol(dtype):
+    return dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+
+
+class _State:
+    def __init__(self, C, dtype, affine=True, running=True, step=True):
+        w, b, rm, rv = make_params(C, dtype, device=DEV)
+        rm[0] = 2.0   # far from the batch mean: d is clipped
+        rv[-1] = 25.0  # far from the batch variance: r is clipped
+        self.weight = w.requires_grad_() if affine else None
+        self.bias = b.requires_grad_() if affine else None
+        self.running_mean = rm if running else None
+        self.running_var = rv if running else None
+        self.num_batches_tracked = torch.tensor(0, device=DEV) if step else None
+
+    def clone(self):
+        new = _State.__new__(_State)
+        for k, v in vars(self).items():
+            if v is None:
+                setattr(new, k, None)
+            elif v.requires_grad:
+                setattr(new, k, v.detach().clone().requires_grad_())
+            else:
+                setattr(new, k, v.clone())
+        return new
+
+
+def _step(state, x, grad, backend, momentum=0.3, eps=1e-3, schedule=SCHEDULE, training=True):
+    xr = x.detach().clone().requires_grad_()
+    for p in (state.weight, state.bias):
+        if p is not None:
+            p.grad = None
+    y = _batch_renorm(xr, state.running_mean, state.running_var, state.weight, state.bias,
+                      training, momentum, eps, schedule["r_max"], schedule["d_max"],
+                      num_batches_tracked=state.num_batches_tracked,
+                      warmup_steps=schedule["warmup_steps"],
+                      r_max_ramp_steps=schedule["r_max_ramp_steps"],
+                      d_max_ramp_steps=schedule["d_max_ramp_steps"], backend=backend)
+    y.backward(grad)
+    grads = (xr.grad, None if state.weight is None else state.weight.grad,
+             None if state.bias is None else state.bias.grad)
+    return y, grads
+
+
+def _was_clipped(x, state, eps, schedule):
+    if state.running_mean is None:
+        return False
+    r_max, d_max = reference.clip_bounds(state.num_batches_tracked, schedule["r_max"],
+                                         schedule["d_max"], schedule["warmup_steps"],
+                                         schedule["r_max_ramp_steps"], schedule["d_max_ramp_steps"])
+    r_max, d_max = float(r_max), float(d_max)
+    if r_max == 1.0 and d_max == 0.0:
+        return False
+    dims = (0,) + tuple(range(2, x.dim()))
+    xd = x.double()
+    sigma_b = (xd.var(dims, correction=0) + eps).sqrt()
+    sigma = (state.running_var.double() + eps).sqrt()
+    r = sigma_b / sigma
+    d = (xd.mean(dims) - state.running_mean.double()) / sigma
+    return bool(((r > r_max) | (r < 1 / r_max) | (d.abs() > d_max)).any())
+
+
+def _compare_steps(shape, kind, dtype, steps=3, momentum=0.3, affine=True, running=True,
+                   step=True, eps=1e-3):
+    fused = _State(shape[1], dtype, affine, running, step)
+    ref = fused.clone()
+    tol = tolerance(dtype)
+    clipped = False
+    for _ in range(steps):
+        x = (_layout(shape, kind) * 1.7 + 0.4).to(dtype)
+        g = _layout(shape, kind).to(dtype)
+        clipped |= _was_clipped(x, ref, eps, SCHEDULE)
+        y_f, grads_f = _step(fused, x, g, "fused", momentum, eps)
+        y_r, grads_r = _step(ref, x, g, "reference", momentum, eps)
+        assert y_f.dtype == dtype and y_f.device.type == "cuda"
+        if kind != "slice":
+            fmt = brn._ops.memory_format_of(x)
+            assert y_f.is_contiguous(memory_format=fmt)
+            assert grads_f[0].is_contiguous(memory_format=fmt)
+        assert_close(y_f, y_r, **tol)
+        assert_close(grads_f[0], grads_r[0], **tol)
+        for gf, gr in zip(grads_f[1:], grads_r[1:]):
+            assert (gf is None) == (gr is None)
+            if gf is not None:
+                assert_close(gf, gr, **_grad_tol(dtype, x))
+        for name in ("running_mean", "running_var"):
+            a, b = getattr(fused, name), getattr(ref, name)
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert_close(a, b, **_buffer_tol(dtype))
+        if step:
+            assert torch.equal(fused.num_batches_tracked, ref.num_batches_tracked)
+    if running:
+        x = _layout(shape, kind).to(dtype)
+        g = _layout(shape, kind).to(dtype)
+        y_f, grads_f = _step(fused, x, g, "fused", momentum, eps, training=False)
+        y_r, grads_r = _step(ref, x, g, "reference", momentum, eps, training=False)
+        assert_close(y_f, y_r, **tol)
+        assert_close(grads_f[0], grads_r[0], **tol)
+        for gf, gr in zip(grads_f[1:], grads_r[1:]):
+            if gf is not None:
+                assert_close(gf, gr, **_grad_tol(dtype, x))
+    return clipped
+
+
+# The CPU file's cases, plus shapes that pick each CUDA path: NCHW with S a multiple of every
+# vector width (64), of the float one only (196 = 14x14), of none (49 = 7x7); NHWC with C a
+# multiple of 8, of 4 only (12), odd (5, 19); rank 2 (read as NHWC rows); small C with large
+# N*S (many CTAs per channel) and large C (several channels per CTA).
+LAYOUT_CASES = [
+    ((16, 5), "contiguous"),
+    ((64, 12), "contiguous"),
+    ((4, 6, 9), "contiguous"),
+    ((4, 6, 9), "slice"),
+    ((3, 5, 6, 7), "contiguous"),
+    ((3, 70, 6, 7), "channels_last"),
+    ((3, 5, 6, 7), "channels_last"),
+    ((3, 5, 6, 7), "slice"),
+    ((2, 4, 3, 4, 5), "contiguous"),
+    ((2, 19, 3, 4, 5), "channels_last_3d"),
+    ((2, 4, 3, 4, 5), "slice"),
+    ((4, 6, 8, 8), "contiguous"),
+    ((3, 5, 14, 14), "contiguous"),
+    ((3, 5, 7, 7), "contiguous"),
+    ((3, 16, 7, 7), "channels_last"),
+    ((3, 12, 5, 5), "channels_last"),
+    ((5, 8, 1, 1), "contiguous"),
+]
+
+BIG_CASES = [
+    ((32, 3, 64, 64), "contiguous"),
+    ((32, 3, 64, 64), "channels_last"),
+    ((8, 64, 56, 56), "contiguous"),
+    ((8, 64, 56, 56), "channels_last"),
+    ((4, 2048, 7, 7), "contiguous"),
+    ((4, 2048, 7, 7), "channels_last"),
+    ((2, 1000, 9, 10), "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,kind", LAYOUT_CASES)
+def test_training_steps_and_eval_match_reference(shape, kind, dtype):
+    assert _compare_steps(shape, kind, dtype), "r or d must be clipped in some step"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,kind", BIG_CASES)
+def test_large_inputs_many_ctas_per_channel_and_channels_per_cta(shape, kind, dtype):
+    _compare_steps(shape, kind, dtype, steps=2)
+
+
+def test_momentum_none_cumulative_average():
+    _compare_steps((6, 4, 5), "contiguous", torch.float32, momentum=None)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_not_affine(kind):
+    _compare_steps((3, 5, 4, 4), kind, torch.float32, affine=False)
+
+
+def test_without_running_stats_is_batchnorm():
+    _compare_steps((3, 5, 4, 4), "contiguous", torch.float32, running=False, step=False)
+
+
+def test_functional_without_step_counter():
+    _compare_steps((3, 5, 4, 4), "channels_last", torch.float32, step=False)
+
+
+@pytest.mark.parametrize("module_type,shape", [(brn.BatchRenorm1d, (8, 6)),
+                                               (brn.BatchRenorm2d, (4, 6, 5, 5))])
+def test_module_track_running_stats_false(module_type, shape):
+    fused = module_type(6, track_running_stats=False).to(DEV)
+    x = torch.randn(shape, device=DEV)
+    y_ref = brn.batch_renorm(x, None, None, fused.weight, fused.bias, training=True,
+                             backend="reference")
+    for mode in (fused.train, fused.eval):
+        mode()
+        assert_close(fused(x), y_ref, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_functional_weight_or_bias_alone(which):
+    C = 5
+    x = torch.randn(4, C, 3, 3, device=DEV)
+    g = torch.randn_like(x)
+    w, b, rm, rv = make_params(C, torch.float32, device=DEV)
+    results = []
+    for backend in ("fused", "reference"):
+        p = (w if which == "weight" else b).clone().requires_grad_()
+        xr = x.clone().requires_grad_()
+        y = brn.batch_renorm(xr, rm.clone(), rv.clone(), training=True, backend=backend,
+                             **{which: p})
+        y.backward(g)
+        results.append((y, xr.grad, p.grad))
+    for a, b_ in zip(*results):
+        assert_close(a, b_, **tolerance(torch.float32))
+
+
+def test_module_schedule_over_steps_matches_reference():
+    # The schedule read on the device from num_batches_tracked, step after step.
+    torch.manual_seed(3)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        m = brn.BatchRenorm2d(8, momentum=None, r_max=1.3, d_max=0.4, warmup_steps=2,
+                              r_max_ramp_steps=3, d_max_ramp_steps=2).to(DEV)
+        m.running_mean.fill_(0.7)
+        m.running_var.fill_(3.0)
+        for step in range(7):
+            x = (torch.randn(6, 8, 5, 5, device=DEV) * 2 + 0.3).contiguous(memory_format=fmt)
+            rm, rv, nbt = (m.running_mean.clone(), m.running_var.clone(),
+                           m.num_batches_tracked.clone())
+            y = m(x)
+            expected = reference.batch_renorm(x, rm, rv, m.weight, m.bias, True, None, m.eps,
+                                              m.r_max, m.d_max, nbt, m.warmup_steps,
+                                              m.r_max_ramp_steps, m.d_max_ramp_steps)
+            assert_close(y, expected, **tolerance(torch.float32))
+            assert_close(m.running_mean, rm, **_buffer_tol(torch.float32))
+            assert_close(m.running_var, rv, **_buffer_tol(torch.float32))
+            assert m.num_batches_tracked.item() == nbt.item() == step + 1
+
+
+def test_ill_conditioned_channel():
+    C = 3
+    x = torch.randn(8, C, 20, 20, dtype=torch.float64, device=DEV) * 1e-2 + 1e4
+    x[:, 1] = torch.randn(8, 20, 20, dtype=torch.float64, device=DEV)
+    x32 = x.float()
+    g = torch.randn_like(x)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        outs = []
+        for xin, gin in ((x32, g.float()), (x32.double(), g)):
+            xin = xin.contiguous(memory_format=fmt).requires_grad_()
+            w, b, rm, rv = make_params(C, xin.dtype, device=DEV)
+            y = brn.batch_renorm(xin, None, None, w, b, training=True,
+                                 backend="fused" if xin.dtype == torch.float32 else "reference")
+            y.backward(gin.contiguous(memory_format=fmt))
+            outs.append((y.double(), xin.grad.double()))
+        (y32, dx32), (y64, dx64) = [(y.detach(), dx) for y, dx in outs]
+        assert_close(y32, y64, atol=1e-3 * float(y64.abs().max()), rtol=1e-3)
+        assert_close(dx32, dx64, atol=1e-3 * float(dx64.abs().max()), rtol=1e-3)
+        stats = ops.batch_stats(x32.contiguous(memory_format=fmt))
+        assert_close(stats[0].double(), x32.double().mean((0, 2, 3)), atol=0, rtol=1e-7)
+        m2 = ((x32.double() - x32.double().mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
+        assert_close(stats[1].double(), m2, atol=0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_fp16_near_max_gives_finite_statistics(fmt):
+    # Values up to 6.5e4 (fp16's max is 65504): sums of squares would be ~1e15 per channel, and
+    # E[x^2] - E[x]^2 would cancel to garbage; Welford/Chan merges stay finite and accurate.
+    x64 = (torch.rand(16, 8, 32, 32, dtype=torch.float64, device=DEV) * 6000 + 59000)
+    x64[:, 3] = torch.rand(16, 32, 32, dtype=torch.float64, device=DEV) * 130000 - 65000
+    x = x64.half().contiguous(memory_format=fmt)
+    xd = x.double()
+    mean, m2 = ops.batch_stats(x)
+    assert torch.isfinite(mean).all() and torch.isfinite(m2).all()
+    assert_close(mean.double(), xd.mean((0, 2, 3)), atol=0, rtol=1e-5)
+    ref_m2 = ((xd - xd.mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
+    assert_close(m2.double(), ref_m2, atol=0, rtol=1e-3)
+    w, b, rm, rv = make_params(8, torch.float16, device=DEV)
+    y, smean, invstd, r, d = ops.forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, 3.0, 5.0,
+                                               0, 0, 0)
+    for t in (y, smean, invstd, r, d, rm, rv):
+        assert torch.isfinite(t).all()
+    var = xd.var((0, 2, 3), correction=0)
+    assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(1, 40),
+    spatial=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+    big=st.booleans(),
+    kind=st.sampled_from(["contiguous", "channels_last", "slice"]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+)
+def test_property_random_shapes(n, c, spatial, big, kind, dtype):
+    if big:
+        spatial = [3000] if not spatial else [max(2, spatial[0])] + [40]
+    shape = (n, c) + tuple(spatial)
+    if math.prod(shape) // c < 2:
+        shape = (n + 1,) + shape[1:]
+    if kind == "channels_last" and len(shape) not in (4, 5):
+        kind = "contiguous"
+    if kind == "channels_last" and len(shape) == 5:
+        kind = "channels_last_3d"
+    _compare_steps(shape, kind, dtype, steps=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops called directly.
+
+def _op_samples(dtype=torch.float32, fmt=torch.contiguous_format, shape=(3, 5, 4, 6)):
+    C = shape[1]
+    x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+    g = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
+    w, b, rm, rv = make_params(C, dtype, device=DEV)
+    sdt = reference.stat_dtype(dtype)
+    pc = lambda: torch.rand(C, dtype=sdt, device=DEV) + 0.5  # noqa: E731
+    return dict(
+        forward_train=(x, w, b, rm, rv, torch.tensor(2, device=DEV), 0.1, 1e-5, 1.5, 0.5, 1, 2,
+                       2),
+        forward_eval=(x, w, b, rm, rv, 1e-5),
+        backward=(g, x, w, pc(), pc(), pc(), pc(), True, [True, True, True]),
+        batch_stats=(x,),
+        normalize=(x, pc(), pc()),
+        backward_reduce=(g, x, pc(), pc()),
+        backward_input=(g, x, pc(), pc(), pc(), pc(), pc()),
+    )
+
+
+@pytest.mark.parametrize("dtype,fmt", [(torch.float32, torch.contiguous_format),
+                                       (torch.bfloat16, torch.channels_last),
+                                       (torch.float16, torch.contiguous_format),
+                                       (torch.float64, torch.channels_last)], ids=str)
+@pytest.mark.parametrize("name", ["forward_train", "forward_eval", "backward", "batch_stats",
+                                  "normalize", "backward_reduce", "backward_input"])
+def test_opcheck(name, dtype, fmt):
+    args = _op_samples(dtype, fmt)[name]
+    torch.library.opcheck(getattr(ops, name).default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", [((3, 5, 4, 6), torch.contiguous_format),
+                                       ((3, 8, 7, 7), torch.channels_last),
+                                       ((40, 6), torch.contiguous_format)])
+def test_ops_match_cpu_kernels(dtype, shape, fmt):
+    # Same op, same inputs, on both devices (the CPU kernels are tested against the reference).
+    if not brn.extension_available("cpu"):
+        pytest.skip("needs the compiled CPU kernels")
+    samples = _op_samples(dtype, fmt, shape)
+    tol = tolerance(dtype)
+    for name, args in samples.items():
+        if name == "forward_train":
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        cpu_args = tuple(a.cpu().clone() if isinstance(a, torch.Tensor) else a for a in args)
+        out = getattr(ops, name)(*args)
+        out_cpu = getattr(ops, name)(*cpu_args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        outs_cpu = out_cpu if isinstance(out_cpu, (tuple, list)) else (out_cpu,)
+        for a, b in zip(outs, outs_cpu):
+            assert a.device.type == "cuda"
+            # Full-size outputs: elementwise tolerance; per-channel ones are sums over m values.
+            t = tol if a.dim() > 1 else _grad_tol(dtype, args[0])
+            assert_close(a.cpu(), b, **t, msg=lambda m: f"{name}: {m}")
+        if name == "forward_train":
+            for i in (3, 4):  # running_mean, running_var
+                assert_close(args[i].cpu(), cpu_args[i], **_buffer_tol(dtype))
+            assert args[5].item() == cpu_args[5].item() == 3
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_backward_output_mask_and_eval_form(fmt):
+    x = torch.randn(4, 3, 5, 5, device=DEV).contiguous(memory_format=fmt)
+    g = torch.randn(4, 3, 5, 5, device=DEV)
+    mean, invstd = torch.randn(3, device=DEV), torch.rand(3, device=DEV) + 0.5
+    w = torch.rand(3, device=DEV) + 0.5
+    full = ops.backward(g, x, w, mean, invstd, None, None, False, [True, True, True])
+    assert all(t is not None for t in full)
+    assert_close(full[0], g * (w * invstd).view(1, 3, 1, 1))
+    xhat = (x - mean.view(1, 3, 1, 1)) * invstd.view(1, 3, 1, 1)
+    assert_close(full[1], (g * xhat).sum((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert_close(full[2], g.sum((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    dx_only = ops.backward(g, x, w, mean, invstd, None, None, False, [True, False, False])
+    assert torch.equal(dx_only[0], full[0])
+    full_t = ops.backward(g, x, w, mean, invstd, None, None, True, [True, True, True])
+    for mask in ([True, False, False], [False, True, False], [False, False, True],
+                 [False, False, False], [True, True, False]):
+        out = ops.backward(g, x, w, mean, invstd, None, None, True, mask)
+        assert [t is not None for t in out] == mask
+        for t, f in zip(out, full_t):
+            if t is not None:
+                assert torch.equal(t, f)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    out_mixed = ops.backward(g, x_cl, w, mean, invstd, None, None, True, [True, True, True])
+    out_same = ops.backward(g.contiguous(memory_format=torch.channels_last), x_cl, w, mean,
+                            invstd, None, None, True, [True, True, True])
+    assert out_mixed[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(out_mixed, out_same):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_building_blocks_compose_to_the_fused_step(fmt):
+    x = (torch.randn(4, 6, 5, 5, device=DEV) * 2 + 1).contiguous(memory_format=fmt)
+    g = torch.randn_like(x)
+    w, b, rm, rv = make_params(6, torch.float32, device=DEV)
+    y, mean, invstd, r, d = ops.forward_train(x, w, b, rm.clone(), rv.clone(), None, 0.1, 1e-5,
+                                              1.5, 0.5, 0, 0, 0)
+    m = x.numel() // 6
+    bmean, m2 = ops.batch_stats(x)
+    assert_close(bmean, mean)
+    assert_close(torch.rsqrt(m2 / m + 1e-5), invstd)
+    scale = w * r * invstd
+    shift = b + w * (d - r * mean * invstd)
+    assert_close(ops.normalize(x, scale, shift), y, atol=1e-5, rtol=1e-5)
+    sum_dy, sum_dy_xhat = ops.backward_reduce(g, x, mean, invstd)
+    xhat = (x - mean.view(1, 6, 1, 1)) * invstd.view(1, 6, 1, 1)
+    assert_close(sum_dy, g.sum((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert_close(sum_dy_xhat, (g * xhat).sum((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    dx, dw, db = ops.backward(g, x, w, mean, invstd, r, d, True, [True, True, True])
+    assert_close(db, sum_dy)
+    assert_close(dw, r * sum_dy_xhat + d * sum_dy)
+    dx2 = ops.backward_input(g, x, mean, invstd, scale, sum_dy / m, sum_dy_xhat / m)
+    assert_close(dx2, dx, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_no_poison_survives(fmt):
+    shape = (3, 7, 9, 11)
+    samples = _op_samples(torch.float32, fmt, shape)
+    for name, args in samples.items():
+        if name == "forward_train":
+            args = args[:3] + (args[3].clone(), args[4].clone(), args[5].clone()) + args[6:]
+        poison = torch.full(shape, float("nan"), device=DEV).contiguous(memory_format=fmt)
+        del poison
+        out = getattr(ops, name)(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for t in outs:
+            assert t is not None
+            assert torch.isfinite(t).all(), name
+    x, w, b, rm, rv = samples["forward_train"][:5]
+    poison = torch.full(shape, float("nan"), device=DEV).contiguous(memory_format=fmt)
+    del poison
+    y = ops.forward_train(x, w, b, rm.clone(), rv.clone(), None, 0.1, 1e-5, 3.0, 5.0, 0, 0, 0)[0]
+    y_ref = reference.batch_renorm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5, 3.0, 5.0)
+    assert_close(y, y_ref, equal_nan=False, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,fmt", [((2, 3, 200, 200), torch.contiguous_format),
+                                       ((8, 64, 20, 20), torch.channels_last),
+                                       ((4, 256, 9, 9), torch.contiguous_format),
+                                       ((64, 64, 28, 28), torch.channels_last)])
+def test_repeated_runs_are_bit_identical(shape, fmt, dtype):
+    # No atomics: partials merge in a fixed order, so runs agree to the bit.
+    x = (torch.randn(shape, device=DEV) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+    g = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
+    runs = []
+    for _ in range(3):
+        state = _State(shape[1], dtype)
+        y, grads = _step(state, x, g, "fused")
+        runs.append((y, *grads, state.running_mean, state.running_var))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_cuda_graph_training_step(fmt):
+    # A whole training step (forward, backward) of a module captured in a CUDA graph: replays
+    # read the step counter on the device, update the buffers, and match eager steps.
+    torch.manual_seed(5)
+
+    def make():
+        torch.manual_seed(7)
+        m = brn.BatchRenorm2d(16, momentum=0.2, r_max=1.4, d_max=0.3, warmup_steps=1,
+                              r_max_ramp_steps=2, d_max_ramp_steps=2).to(DEV)
+        m.running_mean.fill_(0.5)
+        m.running_var.fill_(2.0)
+        return m
+
+    graphed, eager = make(), make()
+    shape = (8, 16, 12, 12)
+    static_x = torch.randn(shape, device=DEV).contiguous(memory_format=fmt).requires_grad_()
+    static_g = torch.randn(shape, device=DEV).contiguous(memory_format=fmt)
+
+    def step(module, x, g):
+        y = module(x)
+        y.backward(g)
+        return y
+
+    inputs = [(torch.randn(shape, device=DEV) * 1.5 + 0.2, torch.randn(shape, device=DEV))
+              for _ in range(6)]
+    # Warm-up on a side stream (as torch.cuda.graph asks), the same steps on the eager twin.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for xi, gi in inputs[:2]:
+            static_x.grad = None
+            with torch.no_grad():
+                static_x.copy_(xi)
+            static_g.copy_(gi)
+            step(graphed, static_x, static_g)
+    torch.cuda.current_stream().wait_stream(side)
+    for xi, gi in inputs[:2]:
+        step(eager, xi.contiguous(memory_format=fmt).requires_grad_(),
+             gi.contiguous(memory_format=fmt))
+
+    for p in graphed.parameters():
+        p.grad = None
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step(graphed, static_x, static_g)
+    for xi, gi in inputs[2:]:
+        with torch.no_grad():
+            static_x.copy_(xi)
+        static_g.copy_(gi)
+        graph.replay()
+        for p in eager.parameters():
+            p.grad = None
+        xe = xi.contiguous(memory_format=fmt).requires_grad_()
+        ye = step(eager, xe, gi.contiguous(memory_format=fmt))
+        torch.cuda.synchronize()
+        assert_close(static_y, ye, atol=0, rtol=0)
+        assert_close(static_x.grad, xe.grad, atol=0, rtol=0)
+        assert_close(graphed.weight.grad, eager.weight.grad, atol=0, rtol=0)
+        assert_close(graphed.running_mean, eager.running_mean, atol=0, rtol=0)
+        assert_close(graphed.running_var, eager.running_var, atol=0, rtol=0)
+        assert graphed.num_batches_tracked.item() == eager.num_batches_tracked.item()
+    assert graphed.num_batches_tracked.item() == len(inputs)
+
+
+def _free_gib():
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_over_2_31_elements(fmt):
+    # 2^31 + a bit fp16 elements (4 GiB each for x, y, dy, dx): 64-bit indexing everywhere.
+    if _free_gib() < 40:
+        pytest.skip("needs about 40 GiB of free GPU memory")
+    C = 4
+    if fmt == torch.channels_last:
+        shape = (2**31 // (C * 64 * 64) + 1, C, 64, 64)
+    else:
+        shape = (1, C, 2**29 + 17, 1)
+    assert math.prod(shape) > 2**31
+    x = torch.empty(shape, dtype=torch.float16, device=DEV).contiguous(memory_format=fmt)
+    x.normal_(1.5, 2.0)
+    x[:, 2].add_(3.0)
+    w, b, rm, rv = make_params(C, torch.float16, device=DEV)
+    y, mean, invstd, r, d = ops.forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, 1.2, 0.5,
+                                              0, 0, 0)
+    ref_mean = torch.stack([x[:, c].double().mean() for c in range(C)])
+    ref_var = torch.stack([x[:, c].double().var(correction=0) for c in range(C)])
+    assert_close(mean.double(), ref_mean, atol=1e-4, rtol=1e-4)
+    assert_close(invstd.double(), (ref_var + 1e-5).rsqrt(), atol=1e-4, rtol=1e-4)
+    # Spot-check y where offsets exceed 2^31: the last batch item / the last rows.
+    scale = (w * r * invstd).view(1, C, 1, 1)
+    shift = (b + w * d).view(1, C, 1, 1)
+    tail = (slice(-1, None),) if fmt == torch.channels_last else (slice(None), slice(None),
+                                                                   slice(-1000, None))
+    expected = ((x[tail].float() - mean.view(1, C, 1, 1)) * scale + shift).half()
+    assert_close(y[tail], expected, **tolerance(torch.float16))
+    del y
+    g = torch.empty_like(x).normal_()
+    dx, dw, db = ops.backward(g, x, w, mean, invstd, r, d, True, [True, True, True])
+    ref_db = torch.stack([g[:, c].double().sum() for c in range(C)])
+    assert_close(db.double(), ref_db, atol=1e-3 * math.prod(shape) ** 0.5, rtol=1e-4)
+    xhat_t = (x[tail].float() - mean.view(1, C, 1, 1)) * invstd.view(1, C, 1, 1)
+    m = math.prod(shape) // C
+    expected_dx = (w * r * invstd).view(1, C, 1, 1) * (
+        g[tail].float() - (db / m).view(1, C, 1, 1)
+        - xhat_t * ((dw - d * db) / r / m).view(1, C, 1, 1))
+    assert_close(dx[tail], expected_dx.half(), **tolerance(torch.float16))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, w: ops.forward_eval(x, w[:3], None, w, w, 1e-5), r"weight must have shape \(C,\) = \(4,\)"),
+    (lambda x, w: ops.forward_eval(x, w.double(), None, w, w, 1e-5), "weight must be Float"),
+    (lambda x, w: ops.forward_eval(x, w.cpu(), None, w, w, 1e-5), "weight is on cpu"),
+    (lambda x, w: ops.forward_eval(x[0, 0], None, None, w, w, 1e-5), "rank >= 2"),
+    (lambda x, w: ops.forward_eval(x.int(), None, None, w, w, 1e-5), "input must be float32"),
+    (lambda x, w: ops.forward_train(x, None, None, w.clone(), None, None, 0.1, 1e-5, 3.0, 5.0,
+                                    0, 0, 0), "both be tensors or both be None"),
+    (lambda x, w: ops.forward_train(x[:1, :, :1, :1], None, None, None, None, None, 0.1, 1e-5,
+                                    3.0, 5.0, 0, 0, 0), "more than 1 value per channel"),
+    (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), None, None, 1e-5,
+                                    3.0, 5.0, 0, 0, 0), "momentum=None"),
+    (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), torch.tensor(0), 0.1,
+                                    1e-5, 3.0, 5.0, 0, 0, 0), "num_batches_tracked must be"),
+    (lambda x, w: ops.backward(x[:2], x, None, w, w, None, None, True, [True, True, True]),
+     "grad_output must have the input's shape"),
+    (lambda x, w: ops.normalize(x, w, w[:2]), r"shift must have shape \(C,\)"),
+])
+def test_op_argument_checks(call, match):
+    x = torch.randn(2, 4, 3, 3, device=DEV)
+    w = torch.rand(4, device=DEV) + 0.5
+    with pytest.raises(RuntimeError, match=match):
+        call(x, w)
