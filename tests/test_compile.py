@@ -1,0 +1,95 @@
+"""torch.compile(fullgraph=True) over a small network with BatchRenorm layers on the fused CPU
+ops: no graph breaks, and the same outputs, grads and buffers (num_batches_tracked too) as
+eager, in training and eval."""
+import copy
+
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import batchrenorm_cuda as brn
+
+from conftest import requires_cpu_kernels
+
+pytestmark = requires_cpu_kernels
+
+SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
+
+
+def _net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        brn.BatchRenorm2d(8, momentum=0.2, **SCHEDULE),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        brn.BatchRenorm2d(8, momentum=None, **SCHEDULE),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def _state(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_compiled_network_matches_eager():
+    torch.manual_seed(0)
+    eager = _net()
+    compiled_net = copy.deepcopy(eager)
+    # inductor: it compiles C++ for the surrounding ops on this CPU machine in well under a
+    # minute, and it is what users will run; the batchrenorm ops stay opaque custom ops in it.
+    compiled = torch.compile(compiled_net, backend="inductor", fullgraph=True)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(compiled_net.parameters(), lr=0.1)
+    tol = dict(atol=1e-4, rtol=1e-4)
+    for step in range(4):
+        x = torch.randn(4, 3, 8, 8) * (1 + step)  # shifting statistics: r and d get clipped
+        for net, model, opt in ((eager, eager, opt_e), (compiled_net, compiled, opt_c)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+        for (n, pe), (_, pc) in zip(eager.named_parameters(), compiled_net.named_parameters()):
+            assert_close(pc.grad, pe.grad, **tol, msg=f"grad of {n} at step {step}")
+        se, sc = _state(eager), _state(compiled_net)
+        for k in se:
+            assert_close(sc[k], se[k], **tol, msg=f"{k} at step {step}")
+        opt_e.step()
+        opt_c.step()
+    assert int(compiled_net[1].num_batches_tracked) == 4
+    assert compiled_net[1].clip_bounds() == (1.5, 0.5)
+
+    eager.eval()
+    compiled_net.eval()
+    x = torch.randn(4, 3, 8, 8)
+    se, sc = _state(eager), _state(compiled_net)
+    with torch.no_grad():
+        assert_close(compiled(x), eager(x), **tol)
+    # Eval leaves every buffer as it was.
+    se_after, sc_after = _state(eager), _state(compiled_net)
+    for k in se:
+        assert torch.equal(se_after[k], se[k]), k
+        assert torch.equal(sc_after[k], sc[k]), k
+
+
+def test_compiled_functional_training_step_matches_eager():
+    torch.manual_seed(0)
+    C = 6
+
+    def f(x, w, b, rm, rv):
+        return brn.batch_renorm(x, rm, rv, w, b, training=True, momentum=0.1, r_max=1.2,
+                                d_max=0.1) * 2
+
+    compiled = torch.compile(f, backend="inductor", fullgraph=True)
+    x = (torch.randn(5, C, 4, 4) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(C) + 0.5, torch.rand(C) - 0.5
+    outs = []
+    for fn in (f, compiled):
+        rm, rv = torch.zeros(C), torch.ones(C) * 4
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fn(xr, wr, br, rm, rv)
+        y.sum().backward()
+        outs.append((y, xr.grad, wr.grad, br.grad, rm, rv))
+    for a, e in zip(*outs):
+        assert_close(a, e, atol=1e-4, rtol=1e-4)
+    assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
