@@ -216,8 +216,11 @@ class SyncBatchRenormFunction(torch.autograd.Function):
             sigma = torch.sqrt(running_var + eps)
             r = torch.clamp(sigma_b / sigma, 1.0 / rmax, rmax)
             d = torch.clamp((mean - running_mean) / sigma, -dmax, dmax)
-            # The unbiased running_var uses the GLOBAL count.
-            reference._update_running(mean, var, total, running_mean, running_var,
+            # The unbiased running_var uses the GLOBAL count. One value per channel in the
+            # whole batch (BatchRenorm raises, which would need a host read here) would make
+            # it 0/0: mark the statistics non-finite so that the buffers are kept.
+            update_mean = torch.where(total > 1, mean, torch.full_like(mean, float("nan")))
+            reference._update_running(update_mean, var, total, running_mean, running_var,
                                       num_batches_tracked, momentum)
         else:
             r = torch.ones_like(mean)

@@ -356,6 +356,21 @@ def _every_rank_empty(group):
     return True
 
 
+def _one_value_per_channel(group):
+    """A global batch of one value per channel: the buffers are kept (unbiased variance 0/0),
+    the counter advances, the output is finite."""
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        return None
+    layer = brn.SyncBatchRenorm(C, momentum=0.1, process_group=group)
+    before = {k: v.clone() for k, v in layer.named_buffers()}
+    out = layer(torch.randn(1 - dist.get_rank(group), C))
+    assert torch.isfinite(out).all()
+    assert torch.equal(layer.running_mean, before["running_mean"])
+    assert torch.equal(layer.running_var, before["running_var"])
+    assert int(layer.num_batches_tracked) == 1
+    return True
+
+
 def _destroyed_group(group):
     """Run last: a layer whose group was destroyed raises a clear error, no hang, no silent
     fallback."""
@@ -395,6 +410,7 @@ def trio_job(backends):
                 scenarios.append((_train_name(case, backend), _train,
                                   (group, sizes, *rest, backend)))
     scenarios += [("every-rank-empty", _every_rank_empty, (sub2,)),
+                  ("one-value-per-channel", _one_value_per_channel, (sub2,)),
                   ("one-rank-group", _one_rank_group, (sub1,)),
                   ("destroyed-group", _destroyed_group, (sub2,))]
     return scenarios
@@ -500,6 +516,11 @@ def test_every_rank_empty(trio):
     for res in results:
         assert res["value"] is True
         assert res["collectives"] == dict(all_gather=2, all_gather_into_tensor=0, all_reduce=1)
+
+
+def test_one_value_per_channel_keeps_buffers(trio):
+    results = values(trio, "one-value-per-channel")
+    assert len(results) == 2 and all(res["value"] is True for res in results)
 
 
 def test_destroyed_group_raises(trio):
