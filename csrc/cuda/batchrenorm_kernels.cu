@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "batchrenorm.h"
@@ -651,19 +652,42 @@ struct Plan {
 
 // Sizes the grid by occupancy (all CTAs co-resident, as a cooperative launch requires) and by
 // the work (a few vectors per thread at least), then cuts the work into units.
-template <int V>
-cudaError_t make_plan(const Layout& L, const void* kernel, Plan* plan) {
-  int device = 0, sms = 0, per_sm = 0;
+constexpr int kMaxDevices = 64;
+
+// Co-resident CTAs of `kernel` on the current device: SMs x occupancy. Queried once per
+// (kernel, device) and cached, since every call of an op needs it (host overhead matters for
+// the small layers). `cache` is one per kernel instantiation.
+cudaError_t resident_ctas(const void* kernel, std::atomic<int>* cache, int64_t* out) {
+  int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  if (device >= 0 && device < kMaxDevices) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) {
+      *out = cached;
+      return cudaSuccess;
+    }
+  }
+  int sms = 0, per_sm = 0;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
   if (err != cudaSuccess) return err;
-  if (per_sm < 1) return cudaErrorCooperativeLaunchTooLarge;
+  if (per_sm < 1 || sms < 1) return cudaErrorCooperativeLaunchTooLarge;
+  if (device >= 0 && device < kMaxDevices) {
+    cache[device].store(per_sm * sms, std::memory_order_relaxed);
+  }
+  *out = static_cast<int64_t>(per_sm) * sms;
+  return cudaSuccess;
+}
+
+template <int V>
+cudaError_t make_plan(const Layout& L, const void* kernel, std::atomic<int>* cache, Plan* plan) {
+  int64_t max_grid = 0;
+  cudaError_t err = resident_ctas(kernel, cache, &max_grid);
+  if (err != cudaSuccess) return err;
   const int64_t M = L.N * L.S;
   const int64_t total = M * L.C;
-  const int64_t max_grid = static_cast<int64_t>(per_sm) * sms;
   const int64_t grid0 = std::max<int64_t>(1, std::min(max_grid, ceil_div(total, kThreads * V * 4)));
   if (L.channels_last) {
     const int64_t cv = L.C / V;
@@ -693,13 +717,16 @@ size_t workspace_size(const Plan& plan, const Layout& L) {
   return static_cast<size_t>((2 * plan.splits + 4) * L.C) * sizeof(acc_t);
 }
 
-// Plans, reports the workspace size, or launches `kernel` cooperatively.
-template <typename T, int V, typename P>
-cudaError_t run_cooperative(void (*kernel)(P), P params, const Layout& layout, void* workspace,
-                            size_t* workspace_bytes, cudaStream_t stream) {
+// Plans, reports the workspace size, or launches the kernel cooperatively.
+template <typename T, int V, bool NHWC, bool Welford>
+cudaError_t run_cooperative(Params<T, typename AccOf<T>::type> params, const Layout& layout,
+                            void* workspace, size_t* workspace_bytes, cudaStream_t stream) {
   using acc_t = typename AccOf<T>::type;
+  const void* kernel = Welford ? reinterpret_cast<const void*>(welford_kernel<T, V, NHWC>)
+                               : reinterpret_cast<const void*>(grad_kernel<T, V, NHWC>);
+  static std::atomic<int> resident_cache[kMaxDevices];  // one per kernel
   Plan plan;
-  cudaError_t err = make_plan<V>(layout, reinterpret_cast<const void*>(kernel), &plan);
+  cudaError_t err = make_plan<V>(layout, kernel, resident_cache, &plan);
   if (err != cudaSuccess) return err;
   const size_t need = workspace_size<acc_t>(plan, layout);
   if (workspace == nullptr) {
@@ -719,8 +746,7 @@ cudaError_t run_cooperative(void (*kernel)(P), P params, const Layout& layout, v
   params.ty = plan.ty;
   params.ws = static_cast<acc_t*>(workspace);
   void* args[] = {&params};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.grid),
-                                     dim3(kThreads), args, 0, stream);
+  return cudaLaunchCooperativeKernel(kernel, dim3(plan.grid), dim3(kThreads), args, 0, stream);
 }
 
 template <typename T, bool Welford>
@@ -728,28 +754,16 @@ cudaError_t dispatch_reduction(Params<T, typename AccOf<T>::type> params, const 
                                bool vectorize, void* workspace, size_t* workspace_bytes,
                                cudaStream_t stream) {
   constexpr int V = vec_width<T>();
-  if (Welford) {
-    if (layout.channels_last) {
-      return vectorize ? run_cooperative<T, V>(welford_kernel<T, V, true>, params, layout,
-                                               workspace, workspace_bytes, stream)
-                       : run_cooperative<T, 1>(welford_kernel<T, 1, true>, params, layout,
-                                               workspace, workspace_bytes, stream);
-    }
-    return vectorize ? run_cooperative<T, V>(welford_kernel<T, V, false>, params, layout,
-                                             workspace, workspace_bytes, stream)
-                     : run_cooperative<T, 1>(welford_kernel<T, 1, false>, params, layout,
-                                             workspace, workspace_bytes, stream);
-  }
   if (layout.channels_last) {
-    return vectorize ? run_cooperative<T, V>(grad_kernel<T, V, true>, params, layout, workspace,
-                                             workspace_bytes, stream)
-                     : run_cooperative<T, 1>(grad_kernel<T, 1, true>, params, layout, workspace,
-                                             workspace_bytes, stream);
+    return vectorize ? run_cooperative<T, V, true, Welford>(params, layout, workspace,
+                                                            workspace_bytes, stream)
+                     : run_cooperative<T, 1, true, Welford>(params, layout, workspace,
+                                                            workspace_bytes, stream);
   }
-  return vectorize ? run_cooperative<T, V>(grad_kernel<T, V, false>, params, layout, workspace,
-                                           workspace_bytes, stream)
-                   : run_cooperative<T, 1>(grad_kernel<T, 1, false>, params, layout, workspace,
-                                           workspace_bytes, stream);
+  return vectorize ? run_cooperative<T, V, false, Welford>(params, layout, workspace,
+                                                           workspace_bytes, stream)
+                   : run_cooperative<T, 1, false, Welford>(params, layout, workspace,
+                                                           workspace_bytes, stream);
 }
 
 template <typename T>
