@@ -136,14 +136,15 @@ def values(results, name):
 # Data: one global batch per step; the i-th rank of the group holds rows
 # [sum(sizes[:i]), sum(sizes[:i + 1])).
 
-def _global_batch(step, n, dtype):
+def _global_batch(step, n, dtype, spatial=(H, W)):
     g = torch.Generator().manual_seed(1000 + step)
     # Per-channel scale and offset that change from step to step, so that sigma_B / sigma and
     # (mu_B - running_mean) / sigma leave the clip bounds.
-    scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 + 0.2).view(1, C, 1, 1)
-    offset = (torch.randn(C, generator=g, dtype=torch.float64) * 2).view(1, C, 1, 1)
-    x = torch.randn((n, C, H, W), generator=g, dtype=torch.float64) * scale + offset
-    grad = torch.randn((n, C, H, W), generator=g, dtype=torch.float64)
+    channel = (1, C) + (1,) * len(spatial)
+    scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 + 0.2).view(channel)
+    offset = (torch.randn(C, generator=g, dtype=torch.float64) * 2).view(channel)
+    x = torch.randn((n, C) + spatial, generator=g, dtype=torch.float64) * scale + offset
+    grad = torch.randn((n, C) + spatial, generator=g, dtype=torch.float64)
     return x.to(dtype), grad.to(dtype)
 
 
@@ -159,7 +160,8 @@ def _initial_state(dtype, affine=True, tracking=True):
     return state
 
 
-# name: (job, sizes per rank of the group, input dtype, channels_last, layer options)
+# name: (job, sizes per rank of the group, input dtype, channels_last, layer options); the
+# options' "spatial" is the input's shape after (N, C), (H, W) if not given.
 CASES = {
     "w2-f64": ("pair", [3, 5], torch.float64, False, dict(momentum=0.1)),
     "w3-f64-empty-rank": ("trio", [4, 0, 3], torch.float64, False, dict(momentum=0.1)),
@@ -169,6 +171,10 @@ CASES = {
     "sub2-f64-empty-first": ("trio", [0, 4], torch.float64, False, dict(momentum=0.1)),
     "sub2-f32-no-running-stats": ("trio", [2, 6], torch.float32, False,
                                   dict(momentum=0.1, track_running_stats=False, affine=False)),
+    "w3-f32-2d-input": ("trio", [5, 3, 6], torch.float32, False,
+                        dict(momentum=0.1, spatial=())),
+    "sub2-f64-5d-input": ("trio", [2, 1], torch.float64, False,
+                          dict(momentum=0.1, spatial=(2, 3, 2))),
 }
 
 
@@ -176,6 +182,8 @@ def _train(group, sizes, dtype, channels_last, options, backend):
     if group == dist.GroupMember.NON_GROUP_MEMBER:
         return None
     rank = dist.get_rank(group)
+    options = dict(options)
+    spatial = options.pop("spatial", (H, W))
     affine = options.get("affine", True)
     tracking = options.get("track_running_stats", True)
     layer = brn.SyncBatchRenorm(C, eps=EPS, **options, **SCHEDULE, process_group=group,
@@ -186,7 +194,7 @@ def _train(group, sizes, dtype, channels_last, options, backend):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     steps = []
     for step in range(STEPS):
-        x, grad = _global_batch(step, sum(sizes), dtype)
+        x, grad = _global_batch(step, sum(sizes), dtype, spatial)
         x = x[lo:hi].contiguous(memory_format=memory_format).requires_grad_()
         out = layer(x)
         (out * grad[lo:hi]).sum().backward()
@@ -198,7 +206,7 @@ def _train(group, sizes, dtype, channels_last, options, backend):
             buffers={k: v.clone() for k, v in layer.named_buffers()}))
         layer.zero_grad()
     layer.eval()
-    x, _ = _global_batch(STEPS, sum(sizes), dtype)
+    x, _ = _global_batch(STEPS, sum(sizes), dtype, spatial)
     with torch.no_grad():
         eval_out = layer(x[lo:hi])
     return dict(steps=steps, eval_out=eval_out,
@@ -208,6 +216,9 @@ def _train(group, sizes, dtype, channels_last, options, backend):
 def _oracle(sizes, dtype, options):
     """One process, the reference Batch Renorm on the concatenated batch, step by step. Also
     counts the steps in which r, and d, were clipped."""
+    options = dict(options)
+    spatial = options.pop("spatial", (H, W))
+    dims = (0,) + tuple(range(2, 2 + len(spatial)))
     affine = options.get("affine", True)
     tracking = options.get("track_running_stats", True)
     state = _initial_state(dtype, affine, tracking)
@@ -216,13 +227,13 @@ def _oracle(sizes, dtype, options):
     rm, rv, nbt = (state.get(k) for k in ("running_mean", "running_var", "num_batches_tracked"))
     steps, clipped_r, clipped_d = [], 0, 0
     for step in range(STEPS):
-        x, grad = _global_batch(step, sum(sizes), dtype)
+        x, grad = _global_batch(step, sum(sizes), dtype, spatial)
         x.requires_grad_()
         if tracking:
             xs = x.detach().double()
             sigma = (rv.double() + EPS).sqrt()
-            r_raw = (xs.var((0, 2, 3), correction=0) + EPS).sqrt() / sigma
-            d_raw = (xs.mean((0, 2, 3)) - rm.double()) / sigma
+            r_raw = (xs.var(dims, correction=0) + EPS).sqrt() / sigma
+            d_raw = (xs.mean(dims) - rm.double()) / sigma
             r_max, d_max = reference.clip_bounds(nbt, **SCHEDULE)
             clipped_r += bool((r_max > 1) & ((r_raw > r_max) | (r_raw < 1 / r_max)).any())
             clipped_d += bool((d_max > 0) & (d_raw.abs() > d_max).any())
@@ -241,8 +252,8 @@ def _oracle(sizes, dtype, options):
     eval_out = None
     if tracking:
         with torch.no_grad():
-            eval_out = reference.batch_renorm(_global_batch(STEPS, sum(sizes), dtype)[0], rm, rv,
-                                              weight, bias, False)
+            eval_x = _global_batch(STEPS, sum(sizes), dtype, spatial)[0]
+            eval_out = reference.batch_renorm(eval_x, rm, rv, weight, bias, False)
     return steps, clipped_r, clipped_d, eval_out
 
 
