@@ -41,6 +41,10 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Vectors loaded per thread before they are used: memory-level parallelism for the streaming
+// loops (the reductions' dependency chains would otherwise serialise one load at a time).
+constexpr int kUnrollStats = 4;  // one tensor (x)
+constexpr int kUnrollGrad = 2;   // two tensors (dy, x)
 
 template <typename T>
 struct AccOf {
@@ -165,29 +169,53 @@ __device__ __forceinline__ int64_t unit_group(const Params<T, acc_t>& p, int64_t
   return static_cast<uint32_t>(unit) / static_cast<uint32_t>(p.splits);
 }
 
-// The values of one unit that a thread visits: calls f(index, channel of lane 0) for each
-// vector of V values. NCHW: all lanes are one channel; NHWC: lanes are channels c .. c+V-1.
-template <int V, bool NHWC, typename T, typename acc_t, typename F>
+// The values of one unit that a thread visits, U vectors of V values at a time: first
+// item = load(index) for all U (so U independent 16-byte loads are in flight per thread),
+// then use(item, index) for each, in order. NCHW: all lanes are one channel; NHWC: lanes are
+// channels c .. c+V-1.
+template <int V, bool NHWC, int U, typename T, typename acc_t, typename Load, typename Use>
 __device__ __forceinline__ void for_each_in_unit(const Params<T, acc_t>& p, int64_t unit, int tx,
-                                                 int ty, F&& f) {
+                                                 int ty, Load&& load, Use&& use) {
   const int64_t group = unit_group(p, unit);
   const int64_t slice = unit - group * p.splits;
   const int64_t begin = slice * p.per;
-  if (NHWC) {
-    const int64_t c = (group * p.tx + tx) * V;
-    if (c >= p.C) return;
-    const int64_t end = min(begin + p.per, p.M);
-    for (int64_t row = begin + ty; row < end; row += p.ty) f(row * p.C + c, c);
-  } else {
-    const int64_t c = group;
-    const int64_t end = min(begin + p.per, p.M);  // begin, end: multiples of V
-    for (int64_t j = begin / V + ty; j < end / V; j += p.ty) {
-      const int64_t n = div_floor(j, p.sv, p.inv_sv);
-      const int64_t s = j - n * p.sv;
-      f((n * p.C + c) * p.S + s * V, c);
+  const int64_t end = min(begin + p.per, p.M);  // NCHW: begin, end are multiples of V
+  const int64_t c = NHWC ? (group * p.tx + tx) * V : group;
+  if (c >= p.C) return;
+  // NHWC: j is a row; NCHW: j is a vector index within the channel's N * S values.
+  const int64_t first = NHWC ? begin + ty : begin / V + ty;
+  const int64_t stop = NHWC ? end : end / V;
+  const int64_t step = p.ty;
+  using Item = decltype(load(int64_t(0)));
+  for (int64_t j0 = first; j0 < stop; j0 += U * step) {
+    int64_t index[U];
+    Item item[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = j0 + u * step;
+      index[u] = -1;
+      if (j < stop) {
+        if (NHWC) {
+          index[u] = j * p.C + c;
+        } else {
+          const int64_t n = div_floor(j, p.sv, p.inv_sv);
+          index[u] = (n * p.C + c) * p.S + (j - n * p.sv) * V;
+        }
+        item[u] = load(index[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (index[u] >= 0) use(item[u], index[u]);
     }
   }
 }
+
+template <typename T, int V>
+struct VecPair {
+  Vec<T, V> dy;
+  Vec<T, V> x;
+};
 
 // Number of values of one channel in slice `slice`.
 template <typename T, typename acc_t>
@@ -222,8 +250,9 @@ __global__ void __launch_bounds__(kThreads)
     acc_t n = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) mean[k] = m2[k] = acc_t(0);
-    for_each_in_unit<V, NHWC>(p, unit, tx, ty, [&](int64_t index, int64_t) {
-      const Vec<T, V> v = load_vec<T, V>(p.x, index);
+    for_each_in_unit<V, NHWC, kUnrollStats>(
+        p, unit, tx, ty, [&](int64_t index) { return load_vec<T, V>(p.x, index); },
+        [&](const Vec<T, V>& v, int64_t) {
       n += acc_t(1);
       const acc_t inv_n = acc_t(1) / n;
 #pragma unroll
@@ -357,8 +386,9 @@ __global__ void __launch_bounds__(kThreads)
       cs[k] = __ldcg(coef + p.C + c);
       ch[k] = __ldcg(coef + 2 * p.C + c);
     }
-    for_each_in_unit<V, NHWC>(p, unit, tx, ty, [&](int64_t index, int64_t) {
-      const Vec<T, V> v = load_vec<T, V>(p.x, index);
+    for_each_in_unit<V, NHWC, kUnrollStats>(
+        p, unit, tx, ty, [&](int64_t index) { return load_vec<T, V>(p.x, index); },
+        [&](const Vec<T, V>& v, int64_t index) {
       Vec<T, V> o;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
@@ -396,9 +426,14 @@ __global__ void __launch_bounds__(kThreads)
     acc_t sdy[V], sdx[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) sdy[k] = sdx[k] = acc_t(0);
-    for_each_in_unit<V, NHWC>(p, unit, tx, ty, [&](int64_t index, int64_t) {
-      const Vec<T, V> g = load_vec<T, V>(p.dy, index);
-      const Vec<T, V> v = load_vec<T, V>(p.x, index);
+    for_each_in_unit<V, NHWC, kUnrollGrad>(
+        p, unit, tx, ty,
+        [&](int64_t index) {
+          return VecPair<T, V>{load_vec<T, V>(p.dy, index), load_vec<T, V>(p.x, index)};
+        },
+        [&](const VecPair<T, V>& in, int64_t) {
+      const Vec<T, V>& g = in.dy;
+      const Vec<T, V>& v = in.x;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const acc_t gv = to_acc(g.v[k]);
@@ -504,9 +539,14 @@ __global__ void __launch_bounds__(kThreads)
       ca[k] = __ldcg(coef + 2 * p.C + c);
       cb[k] = __ldcg(coef + 3 * p.C + c);
     }
-    for_each_in_unit<V, NHWC>(p, unit, tx, ty, [&](int64_t index, int64_t) {
-      const Vec<T, V> g = load_vec<T, V>(p.dy, index);
-      const Vec<T, V> v = load_vec<T, V>(p.x, index);
+    for_each_in_unit<V, NHWC, kUnrollGrad>(
+        p, unit, tx, ty,
+        [&](int64_t index) {
+          return VecPair<T, V>{load_vec<T, V>(p.dy, index), load_vec<T, V>(p.x, index)};
+        },
+        [&](const VecPair<T, V>& in, int64_t index) {
+      const Vec<T, V>& g = in.dy;
+      const Vec<T, V>& v = in.x;
       Vec<T, V> o;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
