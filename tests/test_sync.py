@@ -382,6 +382,17 @@ def _one_value_per_channel(group):
     return True
 
 
+def _not_a_member(group):
+    """A rank given a group it does not belong to gets a clear error (members skip this)."""
+    if group != dist.GroupMember.NON_GROUP_MEMBER:
+        return None
+    try:
+        brn.SyncBatchRenorm(C, process_group=group)(torch.randn(4, C, 2, 2))
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
 def _destroyed_group(group):
     """Run last: a layer whose group was destroyed raises a clear error, no hang, no silent
     fallback."""
@@ -423,6 +434,7 @@ def trio_job(backends):
     scenarios += [("every-rank-empty", _every_rank_empty, (sub2,)),
                   ("one-value-per-channel", _one_value_per_channel, (sub2,)),
                   ("one-rank-group", _one_rank_group, (sub1,)),
+                  ("not-a-member", _not_a_member, (sub2,)),
                   ("destroyed-group", _destroyed_group, (sub2,))]
     return scenarios
 
@@ -532,6 +544,11 @@ def test_every_rank_empty(trio):
 def test_one_value_per_channel_keeps_buffers(trio):
     results = values(trio, "one-value-per-channel")
     assert len(results) == 2 and all(res["value"] is True for res in results)
+
+
+def test_rank_outside_its_group_raises(trio):
+    (result,) = values(trio, "not-a-member")
+    assert "not a member of the process_group" in result["value"], result["value"]
 
 
 def test_destroyed_group_raises(trio):
