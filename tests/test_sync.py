@@ -92,10 +92,30 @@ def _entry(rank, world, port, outdir, job, args):
                                      collectives={k: after[k] - before[k] for k in after})
             except Exception:
                 results[name] = dict(ok=False, error=traceback.format_exc())
+            # Saved as we go, so that a job killed on timeout still tells what went wrong.
+            torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _load_results(outdir, world):
+    per_rank = []
+    for rank in range(world):
+        path = os.path.join(outdir, f"rank{rank}.pt")
+        per_rank.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
+    return per_rank
+
+
+def _first_errors(outdir, world):
+    lines = []
+    for rank, results in enumerate(_load_results(outdir, world)):
+        done = list(results)
+        errors = [(n, r["error"]) for n, r in results.items() if not r["ok"]]
+        lines.append(f"rank {rank}: finished {done[-1] if done else 'no scenario'!r}"
+                     + (f"; first error in {errors[0][0]}:\n{errors[0][1]}" if errors else ""))
+    return "\n".join(lines)
 
 
 def run_job(job, world, outdir, *args):
@@ -103,23 +123,26 @@ def run_job(job, world, outdir, *args):
     ctx = mp.start_processes(_entry, args=(world, _free_port(), outdir, job, args),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + JOB_TIMEOUT_S
+    failure = None
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                pytest.fail(f"{job.__name__}: workers still running after {JOB_TIMEOUT_S} s "
-                            "(a collective hangs?)")
+                failure = f"workers still running after {JOB_TIMEOUT_S} s (a collective hangs?)"
+                break
     except mp.ProcessRaisedException as error:
-        pytest.fail(f"{job.__name__}: a worker raised:\n{error}")
+        failure = f"a worker raised:\n{error}"
     except mp.ProcessExitedException as error:
-        pytest.fail(f"{job.__name__}: a worker died: {error}")
+        failure = f"a worker died: {error}"
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-    per_rank = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
-                for r in range(world)]
-    return {name: [res[name] for res in per_rank] for name in per_rank[0]}
+    if failure is not None:
+        pytest.fail(f"{job.__name__}: {failure}\n{_first_errors(outdir, world)}")
+    per_rank = _load_results(outdir, world)
+    return {name: [res.get(name, dict(ok=False, error="did not run")) for res in per_rank]
+            for name in per_rank[0]}
 
 
 def values(results, name):
