@@ -41,6 +41,9 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// At least 2 CTAs per SM: an explicit register budget (128 per thread). Without it ptxas picks
+// tighter targets on sm_80 and spills a few registers.
+constexpr int kMinBlocks = 2;
 // Vectors loaded per thread before they are used: memory-level parallelism for the streaming
 // loops (the reductions' dependency chains would otherwise serialise one load at a time).
 constexpr int kUnrollStats = 4;  // one tensor (x)
@@ -105,6 +108,17 @@ __device__ __forceinline__ int64_t div_floor(int64_t a, int64_t b, double inv_b)
   return q;
 }
 
+// 1 / n for the per-element Welford update. float: the fast-math reciprocal. double: a float
+// estimate refined by two Newton steps (~1 ulp), because a double division carries a slow-path
+// subroutine call whose register saves show up as spills inside the hot loop.
+__device__ __forceinline__ float welford_rcp(float n) { return 1.0f / n; }
+__device__ __forceinline__ double welford_rcp(double n) {
+  double r = static_cast<double>(__frcp_rn(static_cast<float>(n)));
+  r = r * (2.0 - n * r);
+  r = r * (2.0 - n * r);
+  return r;
+}
+
 // Chan et al.'s merge of (mean_b, m2_b, n_b) into (mean_a, m2_a, n_a). Empty sides are exact.
 template <typename acc_t>
 __device__ __forceinline__ void chan_merge(acc_t& mean_a, acc_t& m2_a, acc_t& n_a, acc_t mean_b,
@@ -134,6 +148,7 @@ struct Params {
   int64_t C;
   int64_t S;
   int64_t M;  // values per channel, N * S
+  double inv_m;  // 1.0 / M
   int64_t splits;
   int64_t per;  // values (NCHW) or rows (NHWC) per slice
   int64_t units;
@@ -228,7 +243,7 @@ __device__ __forceinline__ acc_t slice_count(const Params<T, acc_t>& p, int64_t 
 // ---------------------------------------------------------------------------------------------
 // Statistics: forward_train (kTrain) and batch_stats (kStats).
 template <typename T, int V, bool NHWC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     welford_kernel(const Params<T, typename AccOf<T>::type> p) {
   using acc_t = typename AccOf<T>::type;
   constexpr int R = NHWC ? V : 1;  // per-thread results after the lane merge
@@ -238,8 +253,18 @@ __global__ void __launch_bounds__(kThreads)
 
   const int tx = threadIdx.x % p.tx;
   const int ty = threadIdx.x / p.tx;
-  // The step is read before the first grid barrier, and incremented only after it.
+  // The step is read before the first grid barrier, and incremented only after it. The clip
+  // bounds and the running-average factor (float64 divisions) are computed here, while few
+  // registers are live, rather than in phase 2.
   const int64_t step = p.num_batches_tracked != nullptr ? *p.num_batches_tracked : 0;
+  acc_t r_max = acc_t(1), d_max = acc_t(0), factor = acc_t(0);
+  if (p.mode == kTrain) {
+    double r_max_d = 1.0, d_max_d = 0.0;
+    clip_bounds(p.schedule, p.num_batches_tracked != nullptr, step, &r_max_d, &d_max_d);
+    r_max = static_cast<acc_t>(r_max_d);
+    d_max = static_cast<acc_t>(d_max_d);
+    factor = static_cast<acc_t>(running_average_factor(p.cumulative, p.momentum, step));
+  }
   acc_t* part_mean = p.ws;
   acc_t* part_m2 = p.ws + p.splits * p.C;
   acc_t* coef = p.ws + 2 * p.splits * p.C;  // [mean | scale | shift] x C
@@ -254,7 +279,7 @@ __global__ void __launch_bounds__(kThreads)
         p, unit, tx, ty, [&](int64_t index) { return load_vec<T, V>(p.x, index); },
         [&](const Vec<T, V>& v, int64_t) {
       n += acc_t(1);
-      const acc_t inv_n = acc_t(1) / n;
+      const acc_t inv_n = welford_rcp(n);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const acc_t xv = to_acc(v.v[k]);
@@ -338,17 +363,15 @@ __global__ void __launch_bounds__(kThreads)
         p.out0[c] = mean;
         p.out1[c] = m2;
       } else {
-        const acc_t var = m2 / static_cast<acc_t>(p.M);
+        const acc_t var = m2 * static_cast<acc_t>(p.inv_m);
         const bool has_running = p.running_mean != nullptr;
-        double r_max = 1.0, d_max = 0.0;
-        clip_bounds(p.schedule, p.num_batches_tracked != nullptr, step, &r_max, &d_max);
         const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
         const acc_t b = p.bias != nullptr ? p.bias[c] : acc_t(0);
         const acc_t run_mean = has_running ? p.running_mean[c] : acc_t(0);
         const acc_t run_var = has_running ? p.running_var[c] : acc_t(1);
         const ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
-            mean, var, static_cast<acc_t>(p.eps), has_running, run_mean, run_var,
-            static_cast<acc_t>(r_max), static_cast<acc_t>(d_max), w, b);
+            mean, var, static_cast<acc_t>(p.eps), has_running, run_mean, run_var, r_max, d_max,
+            w, b);
         p.out0[c] = mean;
         p.out1[c] = k.invstd;
         p.out2[c] = k.r;
@@ -358,8 +381,6 @@ __global__ void __launch_bounds__(kThreads)
         coef[p.C + c] = k.scale;
         coef[2 * p.C + c] = b + w * k.d;
         if (has_running) {
-          const acc_t factor =
-              static_cast<acc_t>(running_average_factor(p.cumulative, p.momentum, step));
           update_running<acc_t>(mean, var, p.M, factor, p.running_mean + c, p.running_var + c);
         }
       }
@@ -403,7 +424,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Gradients: backward (kBackward) and backward_reduce (kReduce).
 template <typename T, int V, bool NHWC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     grad_kernel(const Params<T, typename AccOf<T>::type> p) {
   using acc_t = typename AccOf<T>::type;
   constexpr int R = NHWC ? V : 1;
@@ -511,7 +532,7 @@ __global__ void __launch_bounds__(kThreads)
         if (p.out1 != nullptr) p.out1[c] = sdy;
         const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
         const acc_t k = w * r * invstd;
-        const acc_t inv_m = acc_t(1) / static_cast<acc_t>(p.M);
+        const acc_t inv_m = static_cast<acc_t>(p.inv_m);
         const acc_t mean_dy = p.batch_stats ? sdy * inv_m : acc_t(0);
         const acc_t mean_dyxhat = p.batch_stats ? sdxhat * inv_m : acc_t(0);
         coef[c] = p.mean_in[c];
@@ -586,7 +607,7 @@ __device__ __forceinline__ acc_t ld_or(const acc_t* p, int64_t c, acc_t fallback
 }
 
 template <typename T, int V, bool NHWC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     elementwise_kernel(const ElementwiseParams<T, typename AccOf<T>::type> p) {
   using acc_t = typename AccOf<T>::type;
   constexpr int R = NHWC ? V : 1;
@@ -777,6 +798,7 @@ cudaError_t run_cooperative(Params<T, typename AccOf<T>::type> params, const Lay
   params.C = layout.C;
   params.S = layout.S;
   params.M = layout.N * layout.S;
+  params.inv_m = 1.0 / static_cast<double>(params.M);
   params.splits = plan.splits;
   params.per = plan.per;
   params.units = plan.units;
