@@ -123,7 +123,6 @@ class FusedTrain(torch.autograd.Function):
             r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
         ctx.save_for_backward(input, weight, mean, invstd, r, d)
         ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, invstd, r, d)
         return output
 
     @staticmethod
