@@ -187,6 +187,9 @@ BIG_CASES = [
     ((4, 2048, 7, 7), "contiguous"),
     ((4, 2048, 7, 7), "channels_last"),
     ((2, 1000, 9, 10), "contiguous"),
+    # Wider than the elementwise kernels' shared-memory coefficient table (2048 float channels).
+    ((3, 2500, 3, 3), "contiguous"),
+    ((3, 2504, 3, 3), "channels_last"),
 ]
 
 

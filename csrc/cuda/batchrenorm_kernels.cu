@@ -593,6 +593,7 @@ struct ElementwiseParams {
   double inv_c;
   double inv_s;
   int mode;
+  bool table;  // coefficients tabulated in shared memory (4 * C * sizeof(acc_t) bytes)
   acc_t eps;
   const acc_t* p0;
   const acc_t* p1;
@@ -606,11 +607,63 @@ __device__ __forceinline__ acc_t ld_or(const acc_t* p, int64_t c, acc_t fallback
   return p != nullptr ? __ldg(p + c) : fallback;
 }
 
+// Per-channel coefficients of out = (x - m) * a + bb * dy + e.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void channel_coeffs(const ElementwiseParams<T, acc_t>& p, int64_t c,
+                                               acc_t& m, acc_t& a, acc_t& bb, acc_t& e) {
+  switch (static_cast<ElementwiseMode>(p.mode)) {
+    case ElementwiseMode::kEval: {
+      const acc_t invstd = acc_t(1) / sqrt(__ldg(p.p1 + c) + p.eps);
+      m = __ldg(p.p0 + c);
+      a = ld_or(p.p2, c, acc_t(1)) * invstd;
+      bb = acc_t(0);
+      e = ld_or(p.p3, c, acc_t(0));
+      break;
+    }
+    case ElementwiseMode::kNormalize:
+      m = acc_t(0);
+      a = __ldg(p.p0 + c);
+      bb = acc_t(0);
+      e = __ldg(p.p1 + c);
+      break;
+    case ElementwiseMode::kBackwardInput: {
+      const acc_t scale = __ldg(p.p2 + c);
+      m = __ldg(p.p0 + c);
+      a = -scale * __ldg(p.p1 + c) * __ldg(p.p4 + c);
+      bb = scale;
+      e = -scale * __ldg(p.p3 + c);
+      break;
+    }
+    default:  // kScaleGrad
+      m = acc_t(0);
+      a = acc_t(0);
+      bb = ld_or(p.p0, c, acc_t(1)) * ld_or(p.p1, c, acc_t(1)) * __ldg(p.p2 + c);
+      e = acc_t(0);
+      break;
+  }
+}
+
+// Channels whose coefficients a CTA tabulates in shared memory first (4 arrays of C values,
+// 32 KiB at most), so the streaming loop does no sqrt and no gathers; wider layers compute
+// them per vector.
+constexpr int kTableBytes = 32 * 1024;
+
 template <typename T, int V, bool NHWC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     elementwise_kernel(const ElementwiseParams<T, typename AccOf<T>::type> p) {
   using acc_t = typename AccOf<T>::type;
   constexpr int R = NHWC ? V : 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* tm = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* ta = tm + p.C;
+  acc_t* tb = ta + p.C;
+  acc_t* te = tb + p.C;
+  if (p.table) {
+    for (int64_t c = threadIdx.x; c < p.C; c += kThreads) {
+      channel_coeffs(p, c, tm[c], ta[c], tb[c], te[c]);
+    }
+    __syncthreads();
+  }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.nvec;
        i += stride) {
@@ -622,40 +675,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const int64_t row = div_floor(index, p.S, p.inv_s);
       c0 = row - div_floor(row, p.C, p.inv_c) * p.C;
     }
-    // Per lane: out = a * x + b * dy + e, with x centred on m.
     acc_t m[R], a[R], bb[R], e[R];
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       const int64_t c = c0 + k;
-      switch (static_cast<ElementwiseMode>(p.mode)) {
-        case ElementwiseMode::kEval: {
-          const acc_t invstd = acc_t(1) / sqrt(__ldg(p.p1 + c) + p.eps);
-          m[k] = __ldg(p.p0 + c);
-          a[k] = ld_or(p.p2, c, acc_t(1)) * invstd;
-          bb[k] = acc_t(0);
-          e[k] = ld_or(p.p3, c, acc_t(0));
-          break;
-        }
-        case ElementwiseMode::kNormalize:
-          m[k] = acc_t(0);
-          a[k] = __ldg(p.p0 + c);
-          bb[k] = acc_t(0);
-          e[k] = __ldg(p.p1 + c);
-          break;
-        case ElementwiseMode::kBackwardInput: {
-          const acc_t scale = __ldg(p.p2 + c);
-          m[k] = __ldg(p.p0 + c);
-          a[k] = -scale * __ldg(p.p1 + c) * __ldg(p.p4 + c);
-          bb[k] = scale;
-          e[k] = -scale * __ldg(p.p3 + c);
-          break;
-        }
-        default:  // kScaleGrad
-          m[k] = acc_t(0);
-          a[k] = acc_t(0);
-          bb[k] = ld_or(p.p0, c, acc_t(1)) * ld_or(p.p1, c, acc_t(1)) * __ldg(p.p2 + c);
-          e[k] = acc_t(0);
-          break;
+      if (p.table) {
+        m[k] = tm[c];
+        a[k] = ta[c];
+        bb[k] = tb[c];
+        e[k] = te[c];
+      } else {
+        channel_coeffs(p, c, m[k], a[k], bb[k], e[k]);
       }
     }
     const bool uses_x = p.mode != static_cast<int>(ElementwiseMode::kScaleGrad);
@@ -916,7 +946,11 @@ cudaError_t launch_elementwise(ElementwiseParams<T, typename AccOf<T>::type> p, 
   if (err != cudaSuccess) return err;
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>(ceil_div(p.nvec, kThreads), int64_t(sms) * 16));
-  elementwise_kernel<T, V, NHWC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  using acc_t = typename AccOf<T>::type;
+  const size_t table_bytes = 4 * static_cast<size_t>(p.C) * sizeof(acc_t);
+  p.table = table_bytes <= static_cast<size_t>(kTableBytes);
+  elementwise_kernel<T, V, NHWC><<<static_cast<unsigned>(blocks), kThreads,
+                                   p.table ? table_bytes : 0, stream>>>(p);
   return cudaGetLastError();
 }
 
