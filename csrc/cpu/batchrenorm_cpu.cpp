@@ -21,11 +21,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <array>
 #include <cstdint>
 #include <optional>
@@ -34,47 +34,19 @@
 #include <vector>
 
 #include "batchrenorm.h"
+#include "cpu/batchrenorm_cpu_kernels.h"
 
 namespace batchrenorm {
 namespace cpu {
 namespace {
 
 using at::Tensor;
-using at::vec::Vectorized;
-
-// ---------------------------------------------------------------------------------------------
-// Element types: acc_t is float for float / half / bfloat16 input, double for double.
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// One accumulation vector's worth (aVec::size() values) of scalar_t, as acc_t.
-template <typename scalar_t>
-inline Vectorized<acc_type<scalar_t>> load_acc(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    return Vectorized<scalar_t>::loadu(p);
-  } else {
-    Vectorized<float> v;
-    at::vec::load_to_float<scalar_t>(p, v);
-    return v;
-  }
-}
-
-template <typename scalar_t>
-inline void store_acc(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    v.store(p);
-  } else {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vectorized<float>::size());
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Canonical layout of an input.
 
-struct Geometry {
-  int64_t N = 0, C = 0, S = 1;  // (N, C, S); S = prod(spatial)
-  bool rows = false;            // channels innermost: element (m, c) at m * C + c, m < N * S
+// The kernels' Geometry plus the memory format the outputs take.
+struct Layout : Geometry {
   at::MemoryFormat format = at::MemoryFormat::Contiguous;
   int64_t count() const { return N * S; }  // values per channel
 };
@@ -89,7 +61,7 @@ at::MemoryFormat memory_format_of(const Tensor& x) {
 }
 
 // `x` in a layout the kernels read in place (a copy only for other strides).
-Tensor canonical(const Tensor& x, Geometry* g) {
+Tensor canonical(const Tensor& x, Layout* g) {
   g->format = memory_format_of(x);
   g->N = x.size(0);
   g->C = x.size(1);
@@ -100,7 +72,7 @@ Tensor canonical(const Tensor& x, Geometry* g) {
 }
 
 // grad_output in the same layout as the (canonical) input, whatever layout it arrived in.
-Tensor match_layout(const Tensor& dy, const Geometry& g) { return dy.contiguous(g.format); }
+Tensor match_layout(const Tensor& dy, const Layout& g) { return dy.contiguous(g.format); }
 
 // ---------------------------------------------------------------------------------------------
 // Argument checks for direct callers of the ops (batchrenorm_cuda.batch_renorm checks first).
@@ -164,397 +136,66 @@ Tensor to_tensor(const std::vector<double>& v, const Tensor& like) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Work partition of the reductions: fixed sizes only, so the result does not depend on the
-// thread count. A chunk is what is read twice from cache; a block is one work item.
+// Run-time choice of the kernels' instruction set.
 
-constexpr int64_t kPlaneChunk = 2048;           // values of one channel (planes)
-constexpr int64_t kPlaneBlock = 16 * kPlaneChunk;
-constexpr int64_t kRowChunk = 64;               // rows per chunk (rows)
-constexpr int64_t kRowBlock = 16 * kRowChunk;   // rows per work item
-constexpr int64_t kChannelBlock = 64;           // channels per work item (rows)
-
-// Visits the runs of channel c covering its logical values [k0, k1) (planes layout).
-template <typename F>
-inline void for_each_run(const Geometry& g, int64_t c, int64_t k0, int64_t k1, const F& f) {
-  int64_t n = k0 / g.S, s = k0 % g.S;
-  while (k0 < k1) {
-    const int64_t len = std::min(g.S - s, k1 - k0);
-    f((n * g.C + c) * g.S + s, len);
-    k0 += len;
-    ++n;
-    s = 0;
-  }
+bool use_avx2() {
+#if defined(BRN_HAVE_AVX2_KERNELS)
+  static const bool ok = [] {
+    const char* env = std::getenv("BATCHRENORM_CPU_ISA");  // "base" forces the portable loops
+    if (env != nullptr && std::string(env) == "base") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
 }
 
-struct Moments {  // count, mean, M2 = sum((x - mean)^2)
-  double n = 0, mean = 0, m2 = 0;
-  // Chan et al.'s parallel merge.
-  void merge(double nb, double mean_b, double m2_b) {
-    if (nb == 0) return;
-    const double total = n + nb;
-    const double delta = mean_b - mean;
-    mean += delta * (nb / total);
-    m2 += m2_b + delta * delta * (n * nb / total);
-    n = total;
-  }
-  void merge(const Moments& o) { merge(o.n, o.mean, o.m2); }
-};
+#if defined(BRN_HAVE_AVX2_KERNELS)
+#define BRN_CALL_KERNEL(...) \
+  (use_avx2() ? avx2::__VA_ARGS__ : base::__VA_ARGS__)
+#else
+#define BRN_CALL_KERNEL(...) base::__VA_ARGS__
+#endif
 
-// A chunk's (mean, M2) from its provisional mean mc and the centred sums s1 = sum(x - mc),
-// s2 = sum((x - mc)^2): exact up to the rounding of the centred values.
-inline void merge_chunk(Moments& m, double len, double mc, double s1, double s2) {
-  const double shift = s1 / len;
-  m.merge(len, mc + shift, std::max(s2 - s1 * shift, 0.0));
-}
-
-// Per-channel mean and M2 of x (canonical layout) in float64.
 template <typename scalar_t>
 std::vector<Moments> channel_moments(const Tensor& x, const Geometry& g) {
-  using acc_t = acc_type<scalar_t>;
-  using aVec = Vectorized<acc_t>;
-  constexpr int64_t V = aVec::size();
-  const scalar_t* px = x.data_ptr<scalar_t>();
-  const int64_t C = g.C, count = g.count();
-  std::vector<Moments> result(C);
-  if (count == 0) return result;
-
-  if (!g.rows) {
-    const int64_t nblocks = (count + kPlaneBlock - 1) / kPlaneBlock;
-    std::vector<Moments> partial(C * nblocks);
-    at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t c = item / nblocks, b = item % nblocks;
-        const int64_t kb1 = std::min(count, (b + 1) * kPlaneBlock);
-        Moments m;
-        for (int64_t k0 = b * kPlaneBlock; k0 < kb1; k0 += kPlaneChunk) {
-          const int64_t k1 = std::min(kb1, k0 + kPlaneChunk);
-          // Pass 1 over the chunk: its provisional mean.
-          aVec vsum(acc_t(0));
-          acc_t ssum = 0;
-          for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
-            const scalar_t* p = px + off;
-            int64_t i = 0;
-            for (; i + V <= len; i += V) vsum += load_acc(p + i);
-            for (; i < len; ++i) ssum += static_cast<acc_t>(p[i]);
-          });
-          const acc_t len = static_cast<acc_t>(k1 - k0);
-          const acc_t mc = (at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), vsum) + ssum) / len;
-          // Pass 2, from cache: sums centred on it.
-          const aVec vmc(mc);
-          aVec v1(acc_t(0)), v2(acc_t(0));
-          acc_t s1 = 0, s2 = 0;
-          for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
-            const scalar_t* p = px + off;
-            int64_t i = 0;
-            for (; i + V <= len; i += V) {
-              const aVec dv = load_acc(p + i) - vmc;
-              v1 += dv;
-              v2 = at::vec::fmadd(dv, dv, v2);
-            }
-            for (; i < len; ++i) {
-              const acc_t dv = static_cast<acc_t>(p[i]) - mc;
-              s1 += dv;
-              s2 += dv * dv;
-            }
-          });
-          s1 += at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), v1);
-          s2 += at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), v2);
-          merge_chunk(m, static_cast<double>(k1 - k0), mc, s1, s2);
-        }
-        partial[item] = m;
-      }
-    });
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t b = 0; b < nblocks; ++b) result[c].merge(partial[c * nblocks + b]);
-    return result;
-  }
-
-  // rows: work items are (channel block, row block); lanes run over channels.
-  const int64_t M = count;
-  const int64_t ncb = (C + kChannelBlock - 1) / kChannelBlock;
-  const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
-  std::vector<Moments> partial(nrb * C);
-  at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t NV = kChannelBlock / V + 1;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t cb = item / nrb, rb = item % nrb;
-      const int64_t c0 = cb * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-      const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
-      Moments* out = partial.data() + rb * C;
-      const int64_t nvec = (c1 - c0) / V;  // full vectors; the rest of the channels is scalar
-      for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
-        const int64_t r1 = std::min(r_end, r0 + kRowChunk);
-        const acc_t len = static_cast<acc_t>(r1 - r0);
-        aVec mc[NV], s1[NV], s2[NV];
-        for (int64_t j = 0; j < nvec; ++j) mc[j] = aVec(acc_t(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* p = px + r * C + c0;
-          for (int64_t j = 0; j < nvec; ++j) {
-            mc[j] += load_acc(p + j * V);
-          }
-        }
-        for (int64_t j = 0; j < nvec; ++j) {
-          mc[j] = mc[j] / aVec(len);
-          s1[j] = aVec(acc_t(0));
-          s2[j] = aVec(acc_t(0));
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* p = px + r * C + c0;
-          for (int64_t j = 0; j < nvec; ++j) {
-            const aVec dv = load_acc(p + j * V) - mc[j];
-            s1[j] += dv;
-            s2[j] = at::vec::fmadd(dv, dv, s2[j]);
-          }
-        }
-        for (int64_t j = 0; j < nvec; ++j) {
-          acc_t amc[V], as1[V], as2[V];
-          mc[j].store(amc);
-          s1[j].store(as1);
-          s2[j].store(as2);
-          for (int64_t l = 0; l < V; ++l)
-            merge_chunk(out[c0 + j * V + l], static_cast<double>(len), amc[l], as1[l], as2[l]);
-        }
-        for (int64_t c = c0 + nvec * V; c < c1; ++c) {
-          acc_t sum = 0;
-          for (int64_t r = r0; r < r1; ++r) sum += static_cast<acc_t>(px[r * C + c]);
-          const acc_t m0 = sum / len;
-          acc_t a1 = 0, a2 = 0;
-          for (int64_t r = r0; r < r1; ++r) {
-            const acc_t dv = static_cast<acc_t>(px[r * C + c]) - m0;
-            a1 += dv;
-            a2 += dv * dv;
-          }
-          merge_chunk(out[c], static_cast<double>(len), m0, a1, a2);
-        }
-      }
-    }
-  });
-  for (int64_t rb = 0; rb < nrb; ++rb)
-    for (int64_t c = 0; c < C; ++c) result[c].merge(partial[rb * C + c]);
-  return result;
+  std::vector<Moments> out(g.C);
+  BRN_CALL_KERNEL(channel_moments<scalar_t>(x.data_ptr<scalar_t>(), g, out.data()));
+  return out;
 }
-
-// Per channel: sum(dy), sum(dy * (x - m)) and, when kCentre, sum(x - m), in float64.
-struct GradSums {
-  double dy = 0, dy_xc = 0, xc = 0;
-  void add(const GradSums& o) {
-    dy += o.dy;
-    dy_xc += o.dy_xc;
-    xc += o.xc;
-  }
-};
 
 template <typename scalar_t, bool kCentre>
 std::vector<GradSums> channel_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g,
                                         const std::vector<double>& mean) {
   using acc_t = acc_type<scalar_t>;
-  using aVec = Vectorized<acc_t>;
-  constexpr int64_t V = aVec::size();
-  const scalar_t* px = x.data_ptr<scalar_t>();
+  std::vector<acc_t> m(mean.begin(), mean.end());
+  std::vector<GradSums> out(g.C);
   const scalar_t* pg = dy.data_ptr<scalar_t>();
-  const int64_t C = g.C, count = g.count();
-  std::vector<acc_t> m(C);
-  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(mean[c]);
-  std::vector<GradSums> result(C);
-  if (count == 0) return result;
-
-  if (!g.rows) {
-    const int64_t nblocks = (count + kPlaneBlock - 1) / kPlaneBlock;
-    std::vector<GradSums> partial(C * nblocks);
-    at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t c = item / nblocks, b = item % nblocks;
-        const int64_t kb1 = std::min(count, (b + 1) * kPlaneBlock);
-        const acc_t mc = m[c];
-        const aVec vm(mc);
-        GradSums sums;
-        // float accumulators per chunk, flushed into float64 per chunk.
-        for (int64_t k0 = b * kPlaneBlock; k0 < kb1; k0 += kPlaneChunk) {
-          const int64_t k1 = std::min(kb1, k0 + kPlaneChunk);
-          aVec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0));
-          acc_t s0 = 0, s1 = 0, s2 = 0;
-          for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
-            const scalar_t* p = px + off;
-            const scalar_t* q = pg + off;
-            int64_t i = 0;
-            for (; i + V <= len; i += V) {
-              const aVec gv = load_acc(q + i);
-              const aVec xc = load_acc(p + i) - vm;
-              a0 += gv;
-              a1 = at::vec::fmadd(gv, xc, a1);
-              if constexpr (kCentre) a2 += xc;
-            }
-            for (; i < len; ++i) {
-              const acc_t gv = static_cast<acc_t>(q[i]);
-              const acc_t xc = static_cast<acc_t>(p[i]) - mc;
-              s0 += gv;
-              s1 += gv * xc;
-              if constexpr (kCentre) s2 += xc;
-            }
-          });
-          sums.dy += static_cast<double>(s0 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a0));
-          sums.dy_xc += static_cast<double>(s1 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a1));
-          if constexpr (kCentre)
-            sums.xc += static_cast<double>(s2 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a2));
-        }
-        partial[item] = sums;
-      }
-    });
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t b = 0; b < nblocks; ++b) result[c].add(partial[c * nblocks + b]);
-    return result;
-  }
-
-  const int64_t M = count;
-  const int64_t ncb = (C + kChannelBlock - 1) / kChannelBlock;
-  const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
-  std::vector<GradSums> partial(nrb * C);
-  at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t NV = kChannelBlock / V + 1;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t cb = item / nrb, rb = item % nrb;
-      const int64_t c0 = cb * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-      const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
-      GradSums* out = partial.data() + rb * C;
-      const int64_t nvec = (c1 - c0) / V;
-      aVec vm[NV];
-      for (int64_t j = 0; j < nvec; ++j) vm[j] = aVec::loadu(m.data() + c0 + j * V);
-      for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
-        const int64_t r1 = std::min(r_end, r0 + kRowChunk);
-        aVec a0[NV], a1[NV], a2[NV];
-        for (int64_t j = 0; j < nvec; ++j) {
-          a0[j] = aVec(acc_t(0));
-          a1[j] = aVec(acc_t(0));
-          a2[j] = aVec(acc_t(0));
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* p = px + r * C + c0;
-          const scalar_t* q = pg + r * C + c0;
-          for (int64_t j = 0; j < nvec; ++j) {
-            const aVec gv = load_acc(q + j * V);
-            const aVec xc = load_acc(p + j * V) - vm[j];
-            a0[j] += gv;
-            a1[j] = at::vec::fmadd(gv, xc, a1[j]);
-            if constexpr (kCentre) a2[j] += xc;
-          }
-        }
-        for (int64_t j = 0; j < nvec; ++j) {
-          acc_t b0[V], b1[V], b2[V];
-          a0[j].store(b0);
-          a1[j].store(b1);
-          a2[j].store(b2);
-          for (int64_t l = 0; l < V; ++l) {
-            GradSums& o = out[c0 + j * V + l];
-            o.dy += b0[l];
-            o.dy_xc += b1[l];
-            if constexpr (kCentre) o.xc += b2[l];
-          }
-        }
-        for (int64_t c = c0 + nvec * V; c < c1; ++c) {
-          acc_t s0 = 0, s1 = 0, s2 = 0;
-          for (int64_t r = r0; r < r1; ++r) {
-            const acc_t gv = static_cast<acc_t>(pg[r * C + c]);
-            const acc_t xc = static_cast<acc_t>(px[r * C + c]) - m[c];
-            s0 += gv;
-            s1 += gv * xc;
-            if constexpr (kCentre) s2 += xc;
-          }
-          out[c].dy += s0;
-          out[c].dy_xc += s1;
-          if constexpr (kCentre) out[c].xc += s2;
-        }
-      }
-    }
-  });
-  for (int64_t rb = 0; rb < nrb; ++rb)
-    for (int64_t c = 0; c < C; ++c) result[c].add(partial[rb * C + c]);
-  return result;
+  const scalar_t* px = x.data_ptr<scalar_t>();
+  BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre>(pg, px, g, m.data(), out.data()));
+  return out;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Elementwise passes, one read of each input and one write, per channel coefficients:
-//   kAffine: out = (x - m) * a + b
-//   kGrad:   out = dy * a + (x - m) * b + k
-//   kScale:  out = dy * a
-enum class Form { kAffine, kGrad, kScale };
-
 template <typename acc_t>
-struct Coeffs {  // per channel, in acc_t
+struct CoeffArrays {  // per channel, in acc_t
   std::vector<acc_t> m, a, b, k;
-  explicit Coeffs(int64_t C) : m(C, 0), a(C, 0), b(C, 0), k(C, 0) {}
+  explicit CoeffArrays(int64_t C) : m(C, 0), a(C, 0), b(C, 0), k(C, 0) {}
 };
-
-constexpr int64_t kElementGrain = 16384;
 
 template <typename scalar_t, Form kForm>
 void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Geometry& g,
-                 const Coeffs<acc_type<scalar_t>>& co) {
-  using acc_t = acc_type<scalar_t>;
-  using aVec = Vectorized<acc_t>;
-  constexpr int64_t V = aVec::size();
-  const int64_t C = g.C, numel = g.N * g.C * g.S;
-  if (numel == 0) return;
+                 const CoeffArrays<acc_type<scalar_t>>& co) {
+  const Coeffs<acc_type<scalar_t>> c{co.m.data(), co.a.data(), co.b.data(), co.k.data()};
   const scalar_t* px = kForm == Form::kScale ? nullptr : x.data_ptr<scalar_t>();
   const scalar_t* pg = kForm == Form::kAffine ? nullptr : dy.data_ptr<scalar_t>();
   scalar_t* po = out.data_ptr<scalar_t>();
-
-  // One value: the scalar tails.
-  auto one = [&](int64_t i, int64_t c) {
-    acc_t v;
-    if constexpr (kForm == Form::kAffine) {
-      v = (static_cast<acc_t>(px[i]) - co.m[c]) * co.a[c] + co.b[c];
-    } else if constexpr (kForm == Form::kGrad) {
-      v = static_cast<acc_t>(pg[i]) * co.a[c] + (static_cast<acc_t>(px[i]) - co.m[c]) * co.b[c] +
-          co.k[c];
-    } else {
-      v = static_cast<acc_t>(pg[i]) * co.a[c];
-    }
-    po[i] = static_cast<scalar_t>(v);
-  };
-  auto vec = [&](int64_t i, const aVec& m, const aVec& a, const aVec& b, const aVec& k) {
-    aVec v;
-    if constexpr (kForm == Form::kAffine) {
-      v = at::vec::fmadd(load_acc(px + i) - m, a, b);
-    } else if constexpr (kForm == Form::kGrad) {
-      v = at::vec::fmadd(load_acc(pg + i), a, at::vec::fmadd(load_acc(px + i) - m, b, k));
-    } else {
-      v = load_acc(pg + i) * a;
-    }
-    store_acc(po + i, v);
-  };
-
-  if (!g.rows) {
-    const int64_t S = g.S;
-    at::parallel_for(0, numel, kElementGrain, [&](int64_t begin, int64_t end) {
-      int64_t i = begin;
-      while (i < end) {
-        const int64_t run = i / S;
-        const int64_t c = run % C;
-        const int64_t stop = std::min(end, (run + 1) * S);
-        const aVec m(co.m[c]), a(co.a[c]), b(co.b[c]), k(co.k[c]);
-        for (; i + V <= stop; i += V) vec(i, m, a, b, k);
-        for (; i < stop; ++i) one(i, c);
-      }
-    });
-    return;
-  }
-  const int64_t M = g.count();
-  const int64_t nvec = C / V;
-  at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t base = r * C;
-      for (int64_t j = 0; j < nvec; ++j) {
-        const int64_t c = j * V;
-        vec(base + c, aVec::loadu(co.m.data() + c), aVec::loadu(co.a.data() + c),
-            aVec::loadu(co.b.data() + c), aVec::loadu(co.k.data() + c));
-      }
-      for (int64_t c = nvec * V; c < C; ++c) one(base + c, c);
-    }
-  });
+  BRN_CALL_KERNEL(elementwise<scalar_t, kForm>(po, px, pg, g, c));
 }
 
-Tensor empty_output(const Tensor& x, const Geometry& g) {
+Tensor empty_output(const Tensor& x, const Layout& g) {
   return at::empty(x.sizes(), x.options().memory_format(g.format));
 }
 
@@ -590,7 +231,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   TORCH_CHECK(r_max >= 1.0, op, ": r_max must be >= 1, got ", r_max);
   TORCH_CHECK(d_max >= 0.0, op, ": d_max must be >= 0, got ", d_max);
 
-  Geometry g;
+  Layout g;
   const Tensor x = canonical(input, &g);
   const int64_t count = g.count();
   TORCH_CHECK(count > 1, op, ": expected more than 1 value per channel when training, got input size ",
@@ -623,7 +264,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
       prm = rm.data_ptr<acc_t>();
       prv = rv.data_ptr<acc_t>();
     }
-    Coeffs<acc_t> co(C);
+    CoeffArrays<acc_t> co(C);
     std::vector<double> vmean(C), vinvstd(C), vr(C), vd(C);
     for (int64_t c = 0; c < C; ++c) {
       const double mean = mom[c].mean;
@@ -673,7 +314,7 @@ Tensor forward_eval(const Tensor& input, const std::optional<Tensor>& weight,
   check_per_channel(op, "running_mean", running_mean, input);
   check_per_channel(op, "running_var", running_var, input);
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  Geometry g;
+  Layout g;
   const Tensor x = canonical(input, &g);
   Tensor output = empty_output(input, g);
   const int64_t C = g.C;
@@ -683,7 +324,7 @@ Tensor forward_eval(const Tensor& input, const std::optional<Tensor>& weight,
     const std::vector<double> b = channel_values<acc_t>(bias, C, 0.0);
     const std::vector<double> rm = channel_values<acc_t>(running_mean, C, 0.0);
     const std::vector<double> rv = channel_values<acc_t>(running_var, C, 1.0);
-    Coeffs<acc_t> co(C);
+    CoeffArrays<acc_t> co(C);
     for (int64_t c = 0; c < C; ++c) {
       // As the reference: invstd in acc_t, then (x - mean) * invstd * weight + bias.
       const acc_t invstd = acc_t(1) / std::sqrt(static_cast<acc_t>(rv[c]) + static_cast<acc_t>(eps));
@@ -712,7 +353,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
   check_per_channel(op, "invstd", invstd, input);
   check_per_channel(op, "r", r, input);
   check_per_channel(op, "d", d, input);
-  Geometry g;
+  Layout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
   const int64_t C = g.C;
@@ -753,7 +394,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
       grad_bias = to_tensor<acc_t>(gb, mean);
     }
     if (output_mask[0]) {
-      Coeffs<acc_t> co(C);
+      CoeffArrays<acc_t> co(C);
       for (int64_t c = 0; c < C; ++c) {
         const double k = w[c] * vr[c] * vi[c];
         co.a[c] = static_cast<acc_t>(k);
@@ -779,7 +420,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   constexpr const char* op = "batchrenorm::batch_stats";
   check_input(op, input);
-  Geometry g;
+  Layout g;
   const Tensor x = canonical(input, &g);
   TORCH_CHECK(g.count() > 0, op, ": expected at least 1 value per channel, got input size ",
               input.sizes());
@@ -803,14 +444,14 @@ Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) 
   check_input(op, input);
   check_per_channel(op, "scale", scale, input);
   check_per_channel(op, "shift", shift, input);
-  Geometry g;
+  Layout g;
   const Tensor x = canonical(input, &g);
   Tensor output = empty_output(input, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_normalize_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const std::vector<double> a = channel_values<acc_t>(scale, g.C, 1.0);
     const std::vector<double> b = channel_values<acc_t>(shift, g.C, 0.0);
-    Coeffs<acc_t> co(g.C);
+    CoeffArrays<acc_t> co(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
       co.a[c] = static_cast<acc_t>(a[c]);
       co.b[c] = static_cast<acc_t>(b[c]);
@@ -827,7 +468,7 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tens
   check_grad_output(op, grad_output, input);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);
-  Geometry g;
+  Layout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
   Tensor sum_dy, sum_dy_xhat;
@@ -858,7 +499,7 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
   check_per_channel(op, "scale", scale, input);
   check_per_channel(op, "mean_dy", mean_dy, input);
   check_per_channel(op, "mean_dy_xhat", mean_dy_xhat, input);
-  Geometry g;
+  Layout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
   Tensor grad_input = empty_output(input, g);
@@ -869,7 +510,7 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
     const std::vector<double> vs = channel_values<acc_t>(scale, g.C, 1.0);
     const std::vector<double> md = channel_values<acc_t>(mean_dy, g.C, 0.0);
     const std::vector<double> mdx = channel_values<acc_t>(mean_dy_xhat, g.C, 0.0);
-    Coeffs<acc_t> co(g.C);
+    CoeffArrays<acc_t> co(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
       co.m[c] = static_cast<acc_t>(vm[c]);
       co.a[c] = static_cast<acc_t>(vs[c]);

@@ -1,0 +1,81 @@
+// batchrenorm_cpu_kernels.h: the interface between the CPU ops (batchrenorm_cpu.cpp: checks,
+// layouts, per-channel coefficients) and the vectorised loops (batchrenorm_cpu_kernels_impl.h).
+//
+// The loops are compiled twice: namespace `base` for the baseline instruction set, and, on
+// x86-64, namespace `avx2` with AVX2 + FMA + F16C, picked at run time when the CPU has them
+// (the extension itself is built without -m flags, so a wheel runs anywhere). Only plain data
+// crosses this interface.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace batchrenorm {
+namespace cpu {
+
+// float for float / half / bfloat16 input, double for double.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The two layouts the kernels read in place:
+//  planes (rows == false): (N, C, S) contiguous; channel c is N runs of S values.
+//  rows   (rows == true):  (M, C), M = N * S, channels innermost (channels_last, or S == 1).
+struct Geometry {
+  int64_t N;
+  int64_t C;
+  int64_t S;
+  bool rows;
+};
+
+struct Moments {  // count, mean, M2 = sum((x - mean)^2), in float64
+  double n;
+  double mean;
+  double m2;
+};
+
+struct GradSums {  // sum(dy), sum(dy * (x - m)), sum(x - m), in float64
+  double dy;
+  double dy_xc;
+  double xc;
+};
+
+// The elementwise passes, with per-channel coefficients m, a, b, k:
+//   kAffine: out = (x - m) * a + b
+//   kGrad:   out = dy * a + (x - m) * b + k
+//   kScale:  out = dy * a
+enum class Form { kAffine, kGrad, kScale };
+
+template <typename acc_t>
+struct Coeffs {  // arrays of C values each
+  const acc_t* m;
+  const acc_t* a;
+  const acc_t* b;
+  const acc_t* k;
+};
+
+#define BRN_DECLARE_CPU_KERNELS(isa)                                                          \
+  namespace isa {                                                                             \
+  /* Per-channel mean and M2 of x, into result[C]. */                                         \
+  template <typename scalar_t>                                                                \
+  void channel_moments(const scalar_t* x, const Geometry& g, Moments* result);                \
+  /* Per-channel sums of dy and dy * (x - m) (and of x - m when kCentre), into result[C]. */  \
+  template <typename scalar_t, bool kCentre>                                                  \
+  void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,            \
+                         const acc_type<scalar_t>* m, GradSums* result);                      \
+  template <typename scalar_t, Form kForm>                                                    \
+  void elementwise(scalar_t* out, const scalar_t* x, const scalar_t* dy, const Geometry& g,   \
+                   const Coeffs<acc_type<scalar_t>>& co);                                     \
+  }
+
+BRN_DECLARE_CPU_KERNELS(base)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BRN_HAVE_AVX2_KERNELS 1
+BRN_DECLARE_CPU_KERNELS(avx2)
+#endif
+#undef BRN_DECLARE_CPU_KERNELS
+
+}  // namespace cpu
+}  // namespace batchrenorm

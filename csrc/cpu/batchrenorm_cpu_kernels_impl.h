@@ -1,0 +1,443 @@
+// batchrenorm_cpu_kernels_impl.h: the CPU kernel templates, compiled once per instruction set.
+//
+// Included only by batchrenorm_cpu_kernels_<isa>.cpp, each of which defines BRN_CPU_ISA (the
+// namespace) and, for AVX2, the target and at::vec's CPU_CAPABILITY first: at::vec::Vectorized
+// then uses 256-bit registers there, and the portable file keeps the baseline instruction set.
+// Everything here lives in namespace BRN_CPU_ISA so the two copies never share a symbol.
+// See batchrenorm_cpu.cpp for the layouts, the numerics and the determinism argument.
+#pragma once
+
+#ifndef BRN_CPU_ISA
+#error "define BRN_CPU_ISA before including batchrenorm_cpu_kernels_impl.h"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <functional>
+
+#include "cpu/batchrenorm_cpu_kernels.h"
+
+namespace batchrenorm {
+namespace cpu {
+namespace BRN_CPU_ISA {
+
+using at::vec::Vectorized;
+
+// Per-work-item partials. A type of this namespace, so that the std::vector code instantiated
+// for it is this instruction set's own and is never merged with the other file's.
+template <typename T>
+struct Slot {
+  T v;
+};
+
+// One accumulation vector's worth (aVec::size() values) of scalar_t, as acc_t.
+template <typename scalar_t>
+inline Vectorized<acc_type<scalar_t>> load_acc(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return Vectorized<scalar_t>::loadu(p);
+  } else {
+    Vectorized<float> v;
+    at::vec::load_to_float<scalar_t>(p, v);
+    return v;
+  }
+}
+
+template <typename scalar_t>
+inline void store_acc(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vectorized<float>::size());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work partition of the reductions: fixed sizes only, so the result does not depend on the
+// thread count. A chunk is what is read twice from cache; a block is one work item.
+
+constexpr int64_t kPlaneChunk = 2048;           // values of one channel (planes)
+constexpr int64_t kPlaneBlock = 16 * kPlaneChunk;
+constexpr int64_t kRowChunk = 64;               // rows per chunk (rows)
+constexpr int64_t kRowBlock = 16 * kRowChunk;   // rows per work item
+constexpr int64_t kChannelBlock = 64;           // channels per work item (rows)
+
+// Visits the runs of channel c covering its logical values [k0, k1) (planes layout).
+template <typename F>
+inline void for_each_run(const Geometry& g, int64_t c, int64_t k0, int64_t k1, const F& f) {
+  int64_t n = k0 / g.S, s = k0 % g.S;
+  while (k0 < k1) {
+    const int64_t len = std::min(g.S - s, k1 - k0);
+    f((n * g.C + c) * g.S + s, len);
+    k0 += len;
+    ++n;
+    s = 0;
+  }
+}
+
+// Chan et al.'s parallel merge of (nb, mean_b, m2_b) into m.
+inline void merge(Moments& m, double nb, double mean_b, double m2_b) {
+  if (nb == 0) return;
+  const double total = m.n + nb;
+  const double delta = mean_b - m.mean;
+  m.mean += delta * (nb / total);
+  m.m2 += m2_b + delta * delta * (m.n * nb / total);
+  m.n = total;
+}
+inline void merge(Moments& m, const Moments& o) { merge(m, o.n, o.mean, o.m2); }
+
+inline void add(GradSums& s, const GradSums& o) {
+  s.dy += o.dy;
+  s.dy_xc += o.dy_xc;
+  s.xc += o.xc;
+}
+
+// A chunk's (mean, M2) from its provisional mean mc and the centred sums s1 = sum(x - mc),
+// s2 = sum((x - mc)^2): exact up to the rounding of the centred values.
+inline void merge_chunk(Moments& m, double len, double mc, double s1, double s2) {
+  const double shift = s1 / len;
+  merge(m, len, mc + shift, std::max(s2 - s1 * shift, 0.0));
+}
+
+// Per-channel mean and M2 of x (canonical layout) in float64.
+template <typename scalar_t>
+void channel_moments(const scalar_t* px, const Geometry& g, Moments* result) {
+  using acc_t = acc_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t V = aVec::size();
+  const int64_t C = g.C, count = g.N * g.S;
+  for (int64_t c = 0; c < C; ++c) result[c] = Moments();
+  if (count == 0) return;
+
+  if (!g.rows) {
+    const int64_t nblocks = (count + kPlaneBlock - 1) / kPlaneBlock;
+    std::vector<Slot<Moments>> partial(C * nblocks);
+    at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t c = item / nblocks, b = item % nblocks;
+        const int64_t kb1 = std::min(count, (b + 1) * kPlaneBlock);
+        Moments m{};
+        for (int64_t k0 = b * kPlaneBlock; k0 < kb1; k0 += kPlaneChunk) {
+          const int64_t k1 = std::min(kb1, k0 + kPlaneChunk);
+          // Pass 1 over the chunk: its provisional mean.
+          aVec vsum(acc_t(0));
+          acc_t ssum = 0;
+          for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
+            const scalar_t* p = px + off;
+            int64_t i = 0;
+            for (; i + V <= len; i += V) vsum += load_acc(p + i);
+            for (; i < len; ++i) ssum += static_cast<acc_t>(p[i]);
+          });
+          const acc_t len = static_cast<acc_t>(k1 - k0);
+          const acc_t mc = (at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), vsum) + ssum) / len;
+          // Pass 2, from cache: sums centred on it.
+          const aVec vmc(mc);
+          aVec v1(acc_t(0)), v2(acc_t(0));
+          acc_t s1 = 0, s2 = 0;
+          for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
+            const scalar_t* p = px + off;
+            int64_t i = 0;
+            for (; i + V <= len; i += V) {
+              const aVec dv = load_acc(p + i) - vmc;
+              v1 += dv;
+              v2 = at::vec::fmadd(dv, dv, v2);
+            }
+            for (; i < len; ++i) {
+              const acc_t dv = static_cast<acc_t>(p[i]) - mc;
+              s1 += dv;
+              s2 += dv * dv;
+            }
+          });
+          s1 += at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), v1);
+          s2 += at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), v2);
+          merge_chunk(m, static_cast<double>(k1 - k0), mc, s1, s2);
+        }
+        partial[item].v = m;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t b = 0; b < nblocks; ++b) merge(result[c], partial[c * nblocks + b].v);
+    return;
+  }
+
+  // rows: work items are (channel block, row block); lanes run over channels.
+  const int64_t M = count;
+  const int64_t ncb = (C + kChannelBlock - 1) / kChannelBlock;
+  const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
+  std::vector<Slot<Moments>> partial(nrb * C);
+  at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t NV = kChannelBlock / V + 1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t cb = item / nrb, rb = item % nrb;
+      const int64_t c0 = cb * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+      const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
+      Slot<Moments>* out = partial.data() + rb * C;
+      const int64_t nvec = (c1 - c0) / V;  // full vectors; the rest of the channels is scalar
+      for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
+        const int64_t r1 = std::min(r_end, r0 + kRowChunk);
+        const acc_t len = static_cast<acc_t>(r1 - r0);
+        aVec mc[NV], s1[NV], s2[NV];
+        for (int64_t j = 0; j < nvec; ++j) mc[j] = aVec(acc_t(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* p = px + r * C + c0;
+          for (int64_t j = 0; j < nvec; ++j) {
+            mc[j] += load_acc(p + j * V);
+          }
+        }
+        for (int64_t j = 0; j < nvec; ++j) {
+          mc[j] = mc[j] / aVec(len);
+          s1[j] = aVec(acc_t(0));
+          s2[j] = aVec(acc_t(0));
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* p = px + r * C + c0;
+          for (int64_t j = 0; j < nvec; ++j) {
+            const aVec dv = load_acc(p + j * V) - mc[j];
+            s1[j] += dv;
+            s2[j] = at::vec::fmadd(dv, dv, s2[j]);
+          }
+        }
+        for (int64_t j = 0; j < nvec; ++j) {
+          acc_t amc[V], as1[V], as2[V];
+          mc[j].store(amc);
+          s1[j].store(as1);
+          s2[j].store(as2);
+          for (int64_t l = 0; l < V; ++l)
+            merge_chunk(out[c0 + j * V + l].v, static_cast<double>(len), amc[l], as1[l], as2[l]);
+        }
+        for (int64_t c = c0 + nvec * V; c < c1; ++c) {
+          acc_t sum = 0;
+          for (int64_t r = r0; r < r1; ++r) sum += static_cast<acc_t>(px[r * C + c]);
+          const acc_t m0 = sum / len;
+          acc_t a1 = 0, a2 = 0;
+          for (int64_t r = r0; r < r1; ++r) {
+            const acc_t dv = static_cast<acc_t>(px[r * C + c]) - m0;
+            a1 += dv;
+            a2 += dv * dv;
+          }
+          merge_chunk(out[c].v, static_cast<double>(len), m0, a1, a2);
+        }
+      }
+    }
+  });
+  for (int64_t rb = 0; rb < nrb; ++rb)
+    for (int64_t c = 0; c < C; ++c) merge(result[c], partial[rb * C + c].v);
+}
+
+// Per channel: sum(dy), sum(dy * (x - m)) and, when kCentre, sum(x - m), in float64.
+template <typename scalar_t, bool kCentre>
+void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g,
+                       const acc_type<scalar_t>* m, GradSums* result) {
+  using acc_t = acc_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t V = aVec::size();
+  const int64_t C = g.C, count = g.N * g.S;
+  for (int64_t c = 0; c < C; ++c) result[c] = GradSums();
+  if (count == 0) return;
+
+  if (!g.rows) {
+    const int64_t nblocks = (count + kPlaneBlock - 1) / kPlaneBlock;
+    std::vector<Slot<GradSums>> partial(C * nblocks);
+    at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t c = item / nblocks, b = item % nblocks;
+        const int64_t kb1 = std::min(count, (b + 1) * kPlaneBlock);
+        const acc_t mc = m[c];
+        const aVec vm(mc);
+        GradSums sums{};
+        // float accumulators per chunk, flushed into float64 per chunk.
+        for (int64_t k0 = b * kPlaneBlock; k0 < kb1; k0 += kPlaneChunk) {
+          const int64_t k1 = std::min(kb1, k0 + kPlaneChunk);
+          aVec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0));
+          acc_t s0 = 0, s1 = 0, s2 = 0;
+          for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
+            const scalar_t* p = px + off;
+            const scalar_t* q = pg + off;
+            int64_t i = 0;
+            for (; i + V <= len; i += V) {
+              const aVec gv = load_acc(q + i);
+              const aVec xc = load_acc(p + i) - vm;
+              a0 += gv;
+              a1 = at::vec::fmadd(gv, xc, a1);
+              if constexpr (kCentre) a2 += xc;
+            }
+            for (; i < len; ++i) {
+              const acc_t gv = static_cast<acc_t>(q[i]);
+              const acc_t xc = static_cast<acc_t>(p[i]) - mc;
+              s0 += gv;
+              s1 += gv * xc;
+              if constexpr (kCentre) s2 += xc;
+            }
+          });
+          sums.dy += static_cast<double>(s0 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a0));
+          sums.dy_xc += static_cast<double>(s1 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a1));
+          if constexpr (kCentre)
+            sums.xc += static_cast<double>(s2 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a2));
+        }
+        partial[item].v = sums;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t b = 0; b < nblocks; ++b) add(result[c], partial[c * nblocks + b].v);
+    return;
+  }
+
+  const int64_t M = count;
+  const int64_t ncb = (C + kChannelBlock - 1) / kChannelBlock;
+  const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
+  std::vector<Slot<GradSums>> partial(nrb * C);
+  at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t NV = kChannelBlock / V + 1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t cb = item / nrb, rb = item % nrb;
+      const int64_t c0 = cb * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+      const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
+      Slot<GradSums>* out = partial.data() + rb * C;
+      const int64_t nvec = (c1 - c0) / V;
+      aVec vm[NV];
+      for (int64_t j = 0; j < nvec; ++j) vm[j] = aVec::loadu(m + c0 + j * V);
+      for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
+        const int64_t r1 = std::min(r_end, r0 + kRowChunk);
+        aVec a0[NV], a1[NV], a2[NV];
+        for (int64_t j = 0; j < nvec; ++j) {
+          a0[j] = aVec(acc_t(0));
+          a1[j] = aVec(acc_t(0));
+          a2[j] = aVec(acc_t(0));
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* p = px + r * C + c0;
+          const scalar_t* q = pg + r * C + c0;
+          for (int64_t j = 0; j < nvec; ++j) {
+            const aVec gv = load_acc(q + j * V);
+            const aVec xc = load_acc(p + j * V) - vm[j];
+            a0[j] += gv;
+            a1[j] = at::vec::fmadd(gv, xc, a1[j]);
+            if constexpr (kCentre) a2[j] += xc;
+          }
+        }
+        for (int64_t j = 0; j < nvec; ++j) {
+          acc_t b0[V], b1[V], b2[V];
+          a0[j].store(b0);
+          a1[j].store(b1);
+          a2[j].store(b2);
+          for (int64_t l = 0; l < V; ++l) {
+            GradSums& o = out[c0 + j * V + l].v;
+            o.dy += b0[l];
+            o.dy_xc += b1[l];
+            if constexpr (kCentre) o.xc += b2[l];
+          }
+        }
+        for (int64_t c = c0 + nvec * V; c < c1; ++c) {
+          acc_t s0 = 0, s1 = 0, s2 = 0;
+          for (int64_t r = r0; r < r1; ++r) {
+            const acc_t gv = static_cast<acc_t>(pg[r * C + c]);
+            const acc_t xc = static_cast<acc_t>(px[r * C + c]) - m[c];
+            s0 += gv;
+            s1 += gv * xc;
+            if constexpr (kCentre) s2 += xc;
+          }
+          out[c].v.dy += s0;
+          out[c].v.dy_xc += s1;
+          if constexpr (kCentre) out[c].v.xc += s2;
+        }
+      }
+    }
+  });
+  for (int64_t rb = 0; rb < nrb; ++rb)
+    for (int64_t c = 0; c < C; ++c) add(result[c], partial[rb * C + c].v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise passes (see Form): one read of each input and one write.
+
+constexpr int64_t kElementGrain = 16384;
+
+template <typename scalar_t, Form kForm>
+void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const Geometry& g,
+                 const Coeffs<acc_type<scalar_t>>& co) {
+  using acc_t = acc_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t V = aVec::size();
+  const int64_t C = g.C, numel = g.N * g.C * g.S;
+  if (numel == 0) return;
+
+  // One value: the scalar tails.
+  auto one = [&](int64_t i, int64_t c) {
+    acc_t v;
+    if constexpr (kForm == Form::kAffine) {
+      v = (static_cast<acc_t>(px[i]) - co.m[c]) * co.a[c] + co.b[c];
+    } else if constexpr (kForm == Form::kGrad) {
+      v = static_cast<acc_t>(pg[i]) * co.a[c] + (static_cast<acc_t>(px[i]) - co.m[c]) * co.b[c] +
+          co.k[c];
+    } else {
+      v = static_cast<acc_t>(pg[i]) * co.a[c];
+    }
+    po[i] = static_cast<scalar_t>(v);
+  };
+  auto vec = [&](int64_t i, const aVec& m, const aVec& a, const aVec& b, const aVec& k) {
+    aVec v;
+    if constexpr (kForm == Form::kAffine) {
+      v = at::vec::fmadd(load_acc(px + i) - m, a, b);
+    } else if constexpr (kForm == Form::kGrad) {
+      v = at::vec::fmadd(load_acc(pg + i), a, at::vec::fmadd(load_acc(px + i) - m, b, k));
+    } else {
+      v = load_acc(pg + i) * a;
+    }
+    store_acc(po + i, v);
+  };
+
+  if (!g.rows) {
+    const int64_t S = g.S;
+    at::parallel_for(0, numel, kElementGrain, [&](int64_t begin, int64_t end) {
+      int64_t i = begin;
+      while (i < end) {
+        const int64_t run = i / S;
+        const int64_t c = run % C;
+        const int64_t stop = std::min(end, (run + 1) * S);
+        const aVec m(co.m[c]), a(co.a[c]), b(co.b[c]), k(co.k[c]);
+        for (; i + V <= stop; i += V) vec(i, m, a, b, k);
+        for (; i < stop; ++i) one(i, c);
+      }
+    });
+    return;
+  }
+  const int64_t M = g.N * g.S;
+  const int64_t nvec = C / V;
+  at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t base = r * C;
+      for (int64_t j = 0; j < nvec; ++j) {
+        const int64_t c = j * V;
+        vec(base + c, aVec::loadu(co.m + c), aVec::loadu(co.a + c),
+            aVec::loadu(co.b + c), aVec::loadu(co.k + c));
+      }
+      for (int64_t c = nvec * V; c < C; ++c) one(base + c, c);
+    }
+  });
+}
+
+#define BRN_INSTANTIATE(T)                                                                    \
+  template void channel_moments<T>(const T*, const Geometry&, Moments*);                       \
+  template void channel_grad_sums<T, true>(const T*, const T*, const Geometry&,                \
+                                           const acc_type<T>*, GradSums*);                     \
+  template void channel_grad_sums<T, false>(const T*, const T*, const Geometry&,               \
+                                            const acc_type<T>*, GradSums*);                    \
+  template void elementwise<T, Form::kAffine>(T*, const T*, const T*, const Geometry&,         \
+                                              const Coeffs<acc_type<T>>&);                     \
+  template void elementwise<T, Form::kGrad>(T*, const T*, const T*, const Geometry&,           \
+                                            const Coeffs<acc_type<T>>&);                       \
+  template void elementwise<T, Form::kScale>(T*, const T*, const T*, const Geometry&,          \
+                                             const Coeffs<acc_type<T>>&);
+
+BRN_INSTANTIATE(float)
+BRN_INSTANTIATE(double)
+BRN_INSTANTIATE(c10::Half)
+BRN_INSTANTIATE(c10::BFloat16)
+#undef BRN_INSTANTIATE
+
+}  // namespace BRN_CPU_ISA
+}  // namespace cpu
+}  // namespace batchrenorm
