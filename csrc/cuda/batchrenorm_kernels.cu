@@ -13,7 +13,10 @@
 //   3. grid.sync(); every CTA revisits its units and writes y (dx) from those coefficients.
 //      x is re-read, mostly from L2 (a 50 MB L2 holds the inputs of most BN layers).
 // Accumulation is in float (double for double input). Statistics use Welford/Chan merges
-// rather than sums of squares, so fp16 inputs near 6e4 keep finite, accurate variances.
+// rather than sums of squares, so fp16 inputs near 6e4 keep finite, accurate variances; they
+// are gathered on x - shift (shift = the channel's first value), so a channel with
+// |mean| >> std keeps its mean beyond float precision for the normalised output, and backward
+// recovers the saved mean's rounding residue from sum(x - mean).
 // Indexing is int64 throughout: tensors over 2^31 elements are fine.
 //
 // Layouts: NCHW units are (channel, slice of the N*S values); threads read 16-byte vectors
@@ -175,7 +178,7 @@ struct Params {
   acc_t* out1;  // kTrain: save_invstd; kStats: m2; kBackward: grad_bias; kReduce: sum_dy_xhat
   acc_t* out2;  // kTrain: r
   acc_t* out3;  // kTrain: d
-  acc_t* ws;    // [2][splits][C] partials, then [4][C] coefficients
+  acc_t* ws;    // [3][splits][C] partials, then [4][C] coefficients
 };
 
 // units < 2^32 (C * splits, splits <= 4 * grid): a 32-bit division, inline.
@@ -226,6 +229,16 @@ __device__ __forceinline__ void for_each_in_unit(const Params<T, acc_t>& p, int6
   }
 }
 
+// The first value of channel c (n = 0, s = 0): every CTA can read it without a barrier, so
+// the statistics are gathered on x - shift. For a channel with |mean| >> std that keeps the
+// mean to far better than float precision (mean = shift + mean(x - shift), and x - shift is
+// exact or nearly so), which the normalised output needs: an fp32 mean of values near 1e4 is
+// off by ~5e-4, i.e. 5% of a 1e-2 standard deviation.
+template <bool NHWC, typename T, typename acc_t>
+__device__ __forceinline__ acc_t channel_shift(const Params<T, acc_t>& p, int64_t c) {
+  return to_acc(p.x[NHWC ? c : c * p.S]);
+}
+
 template <typename T, int V>
 struct VecPair {
   Vec<T, V> dy;
@@ -267,14 +280,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   acc_t* part_mean = p.ws;
   acc_t* part_m2 = p.ws + p.splits * p.C;
-  acc_t* coef = p.ws + 2 * p.splits * p.C;  // [mean | scale | shift] x C
+  acc_t* coef = p.ws + 2 * p.splits * p.C;  // [shift | mean - shift | scale | bias'] x C
 
   // Phase 1: one Welford partial per (slice, channel).
   for (int64_t unit = blockIdx.x; unit < p.units; unit += gridDim.x) {
-    acc_t mean[V], m2[V];
+    acc_t mean[V], m2[V], shift[R];
     acc_t n = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) mean[k] = m2[k] = acc_t(0);
+    {
+      const int64_t group = unit_group(p, unit);
+      const int64_t c0 = NHWC ? (group * p.tx + tx) * V : group;
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        shift[k] = c0 + k < p.C ? channel_shift<NHWC>(p, c0 + k) : acc_t(0);
+      }
+    }
     for_each_in_unit<V, NHWC, kUnrollStats>(
         p, unit, tx, ty, [&](int64_t index) { return load_vec<T, V>(p.x, index); },
         [&](const Vec<T, V>& v, int64_t) {
@@ -282,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const acc_t inv_n = welford_rcp(n);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const acc_t xv = to_acc(v.v[k]);
+        const acc_t xv = to_acc(v.v[k]) - shift[NHWC ? k : 0];
         const acc_t delta = xv - mean[k];
         mean[k] += delta * inv_n;
         m2[k] += delta * (xv - mean[k]);
@@ -359,6 +380,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       chan_merge(mean, m2, n, mean_b, m2_b, n_b);
     }
     if (lane == 0) {
+      // `mean` is the mean of x - shift.
+      const acc_t shift = channel_shift<NHWC>(p, c);
+      const acc_t mean_shifted = mean;
+      mean = shift + mean_shifted;
       if (p.mode == kStats) {
         p.out0[c] = mean;
         p.out1[c] = m2;
@@ -376,10 +401,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         p.out1[c] = k.invstd;
         p.out2[c] = k.r;
         p.out3[c] = k.d;
-        // y = (x - mean) * scale + (b + w * d): centred, so no cancellation when |mean| >> std.
-        coef[c] = mean;
-        coef[p.C + c] = k.scale;
-        coef[2 * p.C + c] = b + w * k.d;
+        // y = ((x - shift) - mean_shifted) * scale + (b + w * d): centred on the unrounded
+        // mean, so no cancellation when |mean| >> std.
+        coef[c] = shift;
+        coef[p.C + c] = mean_shifted;
+        coef[2 * p.C + c] = k.scale;
+        coef[3 * p.C + c] = b + w * k.d;
         if (has_running) {
           update_running<acc_t>(mean, var, p.M, factor, p.running_mean + c, p.running_var + c);
         }
@@ -399,13 +426,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int64_t group = unit_group(p, unit);
     const int64_t c0 = NHWC ? (group * p.tx + tx) * V : group;
     if (c0 >= p.C) continue;
-    acc_t cm[R], cs[R], ch[R];
+    acc_t ck[R], cm[R], cs[R], ch[R];
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       const int64_t c = c0 + k;
-      cm[k] = __ldcg(coef + c);
-      cs[k] = __ldcg(coef + p.C + c);
-      ch[k] = __ldcg(coef + 2 * p.C + c);
+      ck[k] = __ldcg(coef + c);
+      cm[k] = __ldcg(coef + p.C + c);
+      cs[k] = __ldcg(coef + 2 * p.C + c);
+      ch[k] = __ldcg(coef + 3 * p.C + c);
     }
     for_each_in_unit<V, NHWC, kUnrollStats>(
         p, unit, tx, ty, [&](int64_t index) { return load_vec<T, V>(p.x, index); },
@@ -414,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const int kk = NHWC ? k : 0;
-        o.v[k] = from_acc<T>((to_acc(v.v[k]) - cm[kk]) * cs[kk] + ch[kk]);
+        o.v[k] = from_acc<T>(((to_acc(v.v[k]) - ck[kk]) - cm[kk]) * cs[kk] + ch[kk]);
       }
       store_vec<T, V>(p.out, index, o);
     });
@@ -430,23 +458,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr int R = NHWC ? V : 1;
   __shared__ acc_t sm_a[kThreads * R];
   __shared__ acc_t sm_b[kThreads * R];
+  __shared__ acc_t sm_c[kThreads * R];
 
   const int tx = threadIdx.x % p.tx;
   const int ty = threadIdx.x / p.tx;
   acc_t* part_dy = p.ws;
   acc_t* part_dyxc = p.ws + p.splits * p.C;
-  acc_t* coef = p.ws + 2 * p.splits * p.C;  // [mean | k | a | b] x C: dx = k*dy + (x-mean)*a + b
+  acc_t* part_xc = p.ws + 2 * p.splits * p.C;
+  acc_t* coef = p.ws + 3 * p.splits * p.C;  // [mean | k | a | b] x C: dx = k*dy + (x-mean)*a + b
 
-  // Phase 1: sum(dy) and sum(dy * (x - mean)) per (slice, channel).
+  // Phase 1: sum(dy), sum(dy * (x - mean)) and sum(x - mean) per (slice, channel). The last
+  // recovers, with the batch's own statistics, what rounding the saved mean to float lost:
+  // mean_true = mean + sum(x - mean) / M (x - mean is exact or nearly so).
   for (int64_t unit = blockIdx.x; unit < p.units; unit += gridDim.x) {
     const int64_t group = unit_group(p, unit);
     const int64_t c0 = NHWC ? (group * p.tx + tx) * V : group;
     acc_t mu[R];
 #pragma unroll
     for (int k = 0; k < R; ++k) mu[k] = c0 + k < p.C ? p.mean_in[c0 + k] : acc_t(0);
-    acc_t sdy[V], sdx[V];
+    acc_t sdy[V], sdx[V], sxc[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) sdy[k] = sdx[k] = acc_t(0);
+    for (int k = 0; k < V; ++k) sdy[k] = sdx[k] = sxc[k] = acc_t(0);
     for_each_in_unit<V, NHWC, kUnrollGrad>(
         p, unit, tx, ty,
         [&](int64_t index) {
@@ -458,8 +490,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const acc_t gv = to_acc(g.v[k]);
+        const acc_t xc = to_acc(v.v[k]) - mu[NHWC ? k : 0];
         sdy[k] += gv;
-        sdx[k] += gv * (to_acc(v.v[k]) - mu[NHWC ? k : 0]);
+        sdx[k] += gv * xc;
+        sxc[k] += xc;
       }
     });
     if (!NHWC) {
@@ -467,12 +501,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       for (int k = 1; k < V; ++k) {
         sdy[0] += sdy[k];
         sdx[0] += sdx[k];
+        sxc[0] += sxc[k];
       }
     }
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       sm_a[threadIdx.x * R + k] = sdy[k];
       sm_b[threadIdx.x * R + k] = sdx[k];
+      sm_c[threadIdx.x * R + k] = sxc[k];
     }
     __syncthreads();
     for (int stride = p.ty / 2; stride > 0; stride /= 2) {
@@ -482,8 +518,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         for (int k = 0; k < R; ++k) {
           sdy[k] += sm_a[other * R + k];
           sdx[k] += sm_b[other * R + k];
+          sxc[k] += sm_c[other * R + k];
           sm_a[threadIdx.x * R + k] = sdy[k];
           sm_b[threadIdx.x * R + k] = sdx[k];
+          sm_c[threadIdx.x * R + k] = sxc[k];
         }
       }
       __syncthreads();
@@ -495,6 +533,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         if (c0 + k < p.C) {
           part_dy[slice * p.C + c0 + k] = sdy[k];
           part_dyxc[slice * p.C + c0 + k] = sdx[k];
+          part_xc[slice * p.C + c0 + k] = sxc[k];
         }
       }
     }
@@ -509,19 +548,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t c = warp; c < p.C; c += nwarps) {
-    acc_t sdy = 0, sdx = 0;
+    acc_t sdy = 0, sdx = 0, sxc = 0;
     for (int64_t s = lane; s < p.splits; s += 32) {
       sdy += __ldcg(part_dy + s * p.C + c);
       sdx += __ldcg(part_dyxc + s * p.C + c);
+      sxc += __ldcg(part_xc + s * p.C + c);
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
       sdy += __shfl_down_sync(0xffffffffu, sdy, offset);
       sdx += __shfl_down_sync(0xffffffffu, sdx, offset);
+      sxc += __shfl_down_sync(0xffffffffu, sxc, offset);
     }
     if (lane == 0) {
       const acc_t invstd = p.invstd_in[c];
-      const acc_t sdxhat = sdx * invstd;
+      const acc_t inv_m = static_cast<acc_t>(p.inv_m);
+      // Only the batch's own mean has a residue to recover; backward_reduce and the eval
+      // backward take the mean they are given at its word.
+      const acc_t residue = p.mode == kBackward && p.batch_stats ? sxc * inv_m : acc_t(0);
+      const acc_t sdxhat = (sdx - residue * sdy) * invstd;
       if (p.mode == kReduce) {
         p.out0[c] = sdy;
         p.out1[c] = sdxhat;
@@ -532,13 +577,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         if (p.out1 != nullptr) p.out1[c] = sdy;
         const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
         const acc_t k = w * r * invstd;
-        const acc_t inv_m = static_cast<acc_t>(p.inv_m);
         const acc_t mean_dy = p.batch_stats ? sdy * inv_m : acc_t(0);
         const acc_t mean_dyxhat = p.batch_stats ? sdxhat * inv_m : acc_t(0);
+        // dx = k * (dy - mean_dy - xhat * mean_dyxhat), xhat = (x - mean - residue) * invstd.
+        const acc_t a = -k * invstd * mean_dyxhat;
         coef[c] = p.mean_in[c];
         coef[p.C + c] = k;
-        coef[2 * p.C + c] = -k * invstd * mean_dyxhat;
-        coef[3 * p.C + c] = -k * mean_dy;
+        coef[2 * p.C + c] = a;
+        coef[3 * p.C + c] = -k * mean_dy - a * residue;
       }
     }
   }
@@ -805,7 +851,8 @@ cudaError_t make_plan(const Layout& L, const void* kernel, std::atomic<int>* cac
 
 template <typename acc_t>
 size_t workspace_size(const Plan& plan, const Layout& L) {
-  return static_cast<size_t>((2 * plan.splits + 4) * L.C) * sizeof(acc_t);
+  // [3][splits][C] partials (the Welford kernel uses 2 of them), then [4][C] coefficients.
+  return static_cast<size_t>((3 * plan.splits + 4) * L.C) * sizeof(acc_t);
 }
 
 // Plans, reports the workspace size, or launches the kernel cooperatively.
