@@ -2,13 +2,13 @@
 # One call on a GPU machine: build the CUDA extension, run the whole test suite, run the
 # sanitizers over every op, time the kernels. Logs go to $OUT (default ./gpu_out).
 #   bash tests/gpu/run_all.sh            (from the repository root)
-# Environment: TORCH_CUDA_ARCH_LIST (default 9.0), PYTHON (default python), SKIP_SLOW=1 to leave
+# Environment: TORCH_CUDA_ARCH_LIST (default 9.0), PYTHON (default python3), SKIP_SLOW=1 to leave
 # out the >2^31-element test, SKIP_BUILD=1 to reuse an existing build.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 status=0
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
