@@ -20,6 +20,7 @@ Modes:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import platform
@@ -313,6 +314,7 @@ def environment(device: torch.device) -> Dict[str, object]:
     """Top-level keys of a results file: what the numbers were measured on and with."""
     device = torch.device(device)
     dirty = _git("status", "--porcelain", "--", "csrc")
+    diff = _git("diff", "HEAD", "--", "csrc")
     return dict(
         device=device_name(device),
         device_type=device.type,
@@ -321,6 +323,9 @@ def environment(device: torch.device) -> Dict[str, object]:
         cudnn=(torch.backends.cudnn.version() if device.type == "cuda" else None),
         csrc_tree=_git("rev-parse", "HEAD:csrc"),
         csrc_dirty=bool(dirty) if dirty is not None else None,
+        # Identifies uncommitted edits of tracked csrc files a run was built from (untracked
+        # files show only in csrc_dirty).
+        csrc_diff_sha1=hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None,
         git_head=_git("rev-parse", "HEAD"),
         threads=torch.get_num_threads(),
         cpu=cpu_model_name(),
