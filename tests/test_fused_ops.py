@@ -1,6 +1,10 @@
 """The fused CPU kernels (backend="fused") against the reference (backend="reference"), and the
 ops called directly: opcheck, poisoned outputs, determinism, argument checks."""
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -438,3 +442,22 @@ def test_op_argument_checks(call, match):
     w = torch.rand(4) + 0.5
     with pytest.raises(RuntimeError, match=match):
         call(x, w)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_parallel_for_runs_on_worker_threads():
+    # The extension is built with -fopenmp so that at::parallel_for really forks; were it not,
+    # the ops would run on the calling thread alone. A fresh process: no OpenMP pool exists
+    # until the first parallel region, which is our op's.
+    code = textwrap.dedent("""
+        import os, torch, batchrenorm_cuda
+        torch.set_num_threads(2)
+        x = torch.randn(4, 64, 56, 56)
+        before = len(os.listdir('/proc/self/task'))
+        torch.ops.batchrenorm.batch_stats(x)
+        print(before, len(os.listdir('/proc/self/task')))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    before, after = int(out[-2]), int(out[-1])
+    assert after > before, f"at::parallel_for started no worker thread ({before} -> {after})"
