@@ -139,46 +139,6 @@ inline void rows_chunk_moments(const scalar_t* px, int64_t C, int64_t c, int64_t
   }
 }
 
-// rows layout, rows [r0, r1), G vectors of channels from c: gradient sums into out[channel].
-template <int G, bool kCentre, typename scalar_t>
-inline void rows_chunk_grad_sums(const scalar_t* pg, const scalar_t* px, int64_t C, int64_t c,
-                                 int64_t r0, int64_t r1, const acc_type<scalar_t>* m,
-                                 Slot<GradSums>* out) {
-  using acc_t = acc_type<scalar_t>;
-  using aVec = Vectorized<acc_t>;
-  constexpr int64_t V = aVec::size();
-  aVec vm[G], a0[G], a1[G], a2[G];
-  for (int g = 0; g < G; ++g) {
-    vm[g] = aVec::loadu(m + c + g * V);
-    a0[g] = aVec(acc_t(0));
-    a1[g] = aVec(acc_t(0));
-    a2[g] = aVec(acc_t(0));
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* p = px + r * C + c;
-    const scalar_t* q = pg + r * C + c;
-    for (int g = 0; g < G; ++g) {
-      const aVec gv = load_acc(q + g * V);
-      const aVec xc = load_acc(p + g * V) - vm[g];
-      a0[g] += gv;
-      a1[g] = at::vec::fmadd(gv, xc, a1[g]);
-      if constexpr (kCentre) a2[g] += xc;
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    acc_t b0[V], b1[V], b2[V];
-    a0[g].store(b0);
-    a1[g].store(b1);
-    a2[g].store(b2);
-    for (int64_t l = 0; l < V; ++l) {
-      GradSums& o = out[c + g * V + l].v;
-      o.dy += b0[l];
-      o.dy_xc += b1[l];
-      if constexpr (kCentre) o.xc += b2[l];
-    }
-  }
-}
-
 // Per-channel mean and M2 of x (canonical layout) in float64.
 template <typename scalar_t>
 void channel_moments(const scalar_t* px, const Geometry& g, Moments* result) {
@@ -341,19 +301,46 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
   const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
   std::vector<Slot<GradSums>> partial(nrb * C);
   at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t NV = kChannelBlock / V + 1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t cb = item / nrb, rb = item % nrb;
       const int64_t c0 = cb * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
       const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
       Slot<GradSums>* out = partial.data() + rb * C;
       const int64_t nvec = (c1 - c0) / V;
+      aVec vm[NV];
+      for (int64_t j = 0; j < nvec; ++j) vm[j] = aVec::loadu(m + c0 + j * V);
       for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
         const int64_t r1 = std::min(r_end, r0 + kRowChunk);
-        int64_t j = 0;
-        for (; j + 2 <= nvec; j += 2)
-          rows_chunk_grad_sums<2, kCentre>(pg, px, C, c0 + j * V, r0, r1, m, out);
-        for (; j < nvec; ++j)
-          rows_chunk_grad_sums<1, kCentre>(pg, px, C, c0 + j * V, r0, r1, m, out);
+        aVec a0[NV], a1[NV], a2[NV];
+        for (int64_t j = 0; j < nvec; ++j) {
+          a0[j] = aVec(acc_t(0));
+          a1[j] = aVec(acc_t(0));
+          a2[j] = aVec(acc_t(0));
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* p = px + r * C + c0;
+          const scalar_t* q = pg + r * C + c0;
+          for (int64_t j = 0; j < nvec; ++j) {
+            const aVec gv = load_acc(q + j * V);
+            const aVec xc = load_acc(p + j * V) - vm[j];
+            a0[j] += gv;
+            a1[j] = at::vec::fmadd(gv, xc, a1[j]);
+            if constexpr (kCentre) a2[j] += xc;
+          }
+        }
+        for (int64_t j = 0; j < nvec; ++j) {
+          acc_t b0[V], b1[V], b2[V];
+          a0[j].store(b0);
+          a1[j].store(b1);
+          a2[j].store(b2);
+          for (int64_t l = 0; l < V; ++l) {
+            GradSums& o = out[c0 + j * V + l].v;
+            o.dy += b0[l];
+            o.dy_xc += b1[l];
+            if constexpr (kCentre) o.xc += b2[l];
+          }
+        }
         for (int64_t c = c0 + nvec * V; c < c1; ++c) {
           acc_t s0 = 0, s1 = 0, s2 = 0;
           for (int64_t r = r0; r < r1; ++r) {
