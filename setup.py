@@ -36,7 +36,10 @@ def _use_cuda() -> bool:
 
 
 def _sources(pattern: str):
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    # Files built for an instruction-set extension (*_avx2.cpp) link last: the linker keeps the
+    # first copy of an inline function that several files emit, and that copy must run on any CPU.
+    paths = (os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    return sorted(paths, key=lambda p: (p.endswith("_avx2.cpp"), p))
 
 
 def _extension():

@@ -22,8 +22,8 @@ TORCH_LIBRARY(batchrenorm, m) {
   // float64 for float64 input), the per-channel mean, invstd = 1/sigma_B, r and d that
   // backward needs.
   //  - running_mean / running_var: both or neither. Neither: r = 1, d = 0 (BatchNorm).
-  //  - num_batches_tracked: int64 scalar or None. None: the final bounds (r_max, d_max) and
-  //    no counter update; momentum must then be a float.
+  //  - num_batches_tracked: int64 scalar or None. None: the final bounds (r_max, d_max); momentum
+  //    must then be a float. It is incremented when running_mean / running_var are given.
   //  - momentum None: cumulative average with factor 1 / (num_batches_tracked + 1).
   m.def(
       "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "

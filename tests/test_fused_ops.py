@@ -461,3 +461,17 @@ def test_parallel_for_runs_on_worker_threads():
                          check=True).stdout.split()
     before, after = int(out[-2]), int(out[-1])
     assert after > before, f"at::parallel_for started no worker thread ({before} -> {after})"
+
+
+@requires_cpu_kernels
+def test_counter_advances_only_with_running_statistics():
+    """num_batches_tracked is incremented with the running buffers, as in the reference and the
+    CUDA kernels; without buffers it only selects the schedule's bounds."""
+    x = torch.randn(4, 3, 5)
+    step = torch.tensor(7)
+    torch.ops.batchrenorm.forward_train(x, None, None, None, None, step, 0.1, 1e-5, 3.0, 5.0,
+                                        0, 0, 0)
+    assert step.item() == 7
+    rm, rv = torch.zeros(3), torch.ones(3)
+    torch.ops.batchrenorm.forward_train(x, None, None, rm, rv, step, 0.1, 1e-5, 3.0, 5.0, 0, 0, 0)
+    assert step.item() == 8

@@ -300,7 +300,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     save_r = to_tensor<acc_t>(vr, input);
     save_d = to_tensor<acc_t>(vd, input);
   });
-  if (has_step) num_batches_tracked->add_(1);
+  // The counter advances with the running statistics (as nn.BatchNorm's exists only with them).
+  if (has_step && has_running) num_batches_tracked->add_(1);
   return {output, save_mean, save_invstd, save_r, save_d};
 }
 
