@@ -14,7 +14,6 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.functional import _batch_renorm
 from batchrenorm_cuda.testing import DTYPES, make_params, tolerance
 
 from conftest import requires_cpu_kernels
@@ -23,150 +22,25 @@ pytestmark = requires_cpu_kernels
 
 ops = torch.ops.batchrenorm
 
-# A schedule that is active from the second step on, so r and d really are clipped.
-SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
+import fused_cases
+from fused_cases import train_step as _step
+
+DEV = "cpu"
 
 
 def _layout(shape, kind):
-    """A random float64 tensor of `shape` in a layout: contiguous, channels_last(_3d), or a
-    non-contiguous slice of a larger tensor."""
-    if kind == "slice":
-        big = torch.randn((shape[0], shape[1] * 2) + tuple(shape[2:]), dtype=torch.float64)
-        return big[:, ::2]
-    x = torch.randn(shape, dtype=torch.float64)
-    if kind == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if kind == "channels_last_3d":
-        return x.contiguous(memory_format=torch.channels_last_3d)
-    return x
+    return fused_cases.layout(shape, kind, DEV)
 
 
-def _memory_format(x):
-    return brn._ops.memory_format_of(x)
+def _State(C, dtype, affine=True, running=True, step=True):
+    return fused_cases.State(C, dtype, DEV, affine, running, step)
 
 
-def _grad_tol(dtype, x):
-    # Parameter grads are sums over the m values of a channel: the tolerance grows with m.
-    tol = tolerance(dtype)
-    m = x.numel() // x.shape[1]
-    return dict(atol=tol["atol"] * max(m, 1) ** 0.5 * 4, rtol=tol["rtol"] * 4)
+def _compare_steps(shape, kind, dtype, **kwargs):
+    return fused_cases.compare_steps(shape, kind, dtype, DEV, **kwargs)
 
 
-class _State:
-    def __init__(self, C, dtype, affine=True, running=True, step=True):
-        w, b, rm, rv = make_params(C, dtype)
-        rm[0] = 2.0   # far from the batch mean: d is clipped
-        rv[-1] = 25.0  # far from the batch variance: r is clipped
-        self.weight = w.requires_grad_() if affine else None
-        self.bias = b.requires_grad_() if affine else None
-        self.running_mean = rm if running else None
-        self.running_var = rv if running else None
-        self.num_batches_tracked = torch.tensor(0) if step else None
-
-    def clone(self):
-        new = _State.__new__(_State)
-        for k, v in vars(self).items():
-            if v is None:
-                setattr(new, k, None)
-            elif v.requires_grad:
-                setattr(new, k, v.detach().clone().requires_grad_())
-            else:
-                setattr(new, k, v.clone())
-        return new
-
-
-def _step(state, x, grad, backend, momentum=0.3, eps=1e-3, schedule=SCHEDULE, training=True):
-    xr = x.detach().clone().requires_grad_()
-    for p in (state.weight, state.bias):
-        if p is not None:
-            p.grad = None
-    y = _batch_renorm(xr, state.running_mean, state.running_var, state.weight, state.bias,
-                      training, momentum, eps, schedule["r_max"], schedule["d_max"],
-                      num_batches_tracked=state.num_batches_tracked,
-                      warmup_steps=schedule["warmup_steps"],
-                      r_max_ramp_steps=schedule["r_max_ramp_steps"],
-                      d_max_ramp_steps=schedule["d_max_ramp_steps"], backend=backend)
-    y.backward(grad)
-    grads = (xr.grad, None if state.weight is None else state.weight.grad,
-             None if state.bias is None else state.bias.grad)
-    return y, grads
-
-
-def _was_clipped(x, state, eps, schedule):
-    """Whether r or d is clipped by active bounds in this step (computed from the buffers)."""
-    if state.running_mean is None:
-        return False
-    r_max, d_max = reference.clip_bounds(state.num_batches_tracked, schedule["r_max"],
-                                         schedule["d_max"], schedule["warmup_steps"],
-                                         schedule["r_max_ramp_steps"], schedule["d_max_ramp_steps"])
-    r_max, d_max = float(r_max), float(d_max)
-    if r_max == 1.0 and d_max == 0.0:
-        return False
-    dims = (0,) + tuple(range(2, x.dim()))
-    xd = x.double()
-    sigma_b = (xd.var(dims, correction=0) + eps).sqrt()
-    sigma = (state.running_var.double() + eps).sqrt()
-    r = sigma_b / sigma
-    d = (xd.mean(dims) - state.running_mean.double()) / sigma
-    return bool(((r > r_max) | (r < 1 / r_max) | (d.abs() > d_max)).any())
-
-
-def _compare_steps(shape, kind, dtype, steps=3, momentum=0.3, affine=True, running=True,
-                   step=True, eps=1e-3):
-    fused = _State(shape[1], dtype, affine, running, step)
-    ref = fused.clone()
-    tol = tolerance(dtype)
-    clipped = False
-    for _ in range(steps):
-        x = (_layout(shape, kind) * 1.7 + 0.4).to(dtype)
-        g = _layout(shape, kind).to(dtype)
-        clipped |= _was_clipped(x, ref, eps, SCHEDULE)
-        y_f, grads_f = _step(fused, x, g, "fused", momentum, eps)
-        y_r, grads_r = _step(ref, x, g, "reference", momentum, eps)
-        assert y_f.dtype == dtype
-        if kind != "slice":
-            assert y_f.is_contiguous(memory_format=_memory_format(x))
-            assert grads_f[0].is_contiguous(memory_format=_memory_format(x))
-        assert_close(y_f, y_r, **tol)
-        assert_close(grads_f[0], grads_r[0], **tol)
-        for gf, gr in zip(grads_f[1:], grads_r[1:]):
-            assert (gf is None) == (gr is None)
-            if gf is not None:
-                assert_close(gf, gr, **_grad_tol(dtype, x))
-        for name in ("running_mean", "running_var"):
-            a, b = getattr(fused, name), getattr(ref, name)
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert_close(a, b, atol=1e-5 if dtype != torch.float64 else 1e-12,
-                             rtol=1e-5 if dtype != torch.float64 else 1e-12)
-        if step:
-            assert torch.equal(fused.num_batches_tracked, ref.num_batches_tracked)
-    if running:
-        # Eval with the buffers the training steps produced.
-        x = _layout(shape, kind).to(dtype)
-        g = _layout(shape, kind).to(dtype)
-        y_f, grads_f = _step(fused, x, g, "fused", momentum, eps, training=False)
-        y_r, grads_r = _step(ref, x, g, "reference", momentum, eps, training=False)
-        assert_close(y_f, y_r, **tol)
-        assert_close(grads_f[0], grads_r[0], **tol)
-        for gf, gr in zip(grads_f[1:], grads_r[1:]):
-            if gf is not None:
-                assert_close(gf, gr, **_grad_tol(dtype, x))
-    return clipped
-
-
-LAYOUT_CASES = [
-    ((16, 5), "contiguous"),
-    ((4, 6, 9), "contiguous"),
-    ((4, 6, 9), "slice"),
-    ((3, 5, 6, 7), "contiguous"),
-    ((3, 70, 6, 7), "channels_last"),
-    ((3, 5, 6, 7), "channels_last"),
-    ((3, 5, 6, 7), "slice"),
-    ((2, 4, 3, 4, 5), "contiguous"),
-    ((2, 19, 3, 4, 5), "channels_last_3d"),
-    ((2, 4, 3, 4, 5), "slice"),
-]
+LAYOUT_CASES = fused_cases.LAYOUT_CASES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
