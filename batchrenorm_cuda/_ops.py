@@ -115,12 +115,12 @@ class FusedTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
-                r_max: float, d_max: float, warmup_steps: int, r_max_ramp_steps: int,
-                d_max_ramp_steps: int) -> Tensor:
+                num_batches_tracked: Optional[Tensor], config: tuple) -> Tensor:
+        # config = (momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
+        # d_max_ramp_steps): one argument rather than seven, because apply() walks every
+        # argument on each call and this is the per-layer eager overhead.
         output, mean, invstd, r, d = torch.ops.batchrenorm.forward_train(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-            r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
+            input, weight, bias, running_mean, running_var, num_batches_tracked, *config)
         ctx.save_for_backward(input, weight, mean, invstd, r, d)
         ctx.has_bias = bias is not None
         return output
@@ -132,7 +132,7 @@ class FusedTrain(torch.autograd.Function):
         mask = _output_mask(ctx, weight is not None, ctx.has_bias)
         grad_input, grad_weight, grad_bias = torch.ops.batchrenorm.backward(
             grad_output, input, weight, mean, invstd, r, d, True, mask)
-        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 class FusedEval(torch.autograd.Function):

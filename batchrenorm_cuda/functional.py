@@ -167,9 +167,10 @@ def _batch_renorm(
         return _empty_batch(input, weight, bias)
     if fused:
         if training:
+            config = (momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
+                      d_max_ramp_steps)
             return FusedTrain.apply(input, weight, bias, running_mean, running_var,
-                                    num_batches_tracked, momentum, eps, r_max, d_max,
-                                    warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
+                                    num_batches_tracked, config)
         return FusedEval.apply(input, weight, bias, running_mean, running_var, eps)
     return reference.batch_renorm(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, r_max, d_max, num_batches_tracked,
