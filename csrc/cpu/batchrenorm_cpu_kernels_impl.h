@@ -62,7 +62,20 @@ constexpr int64_t kPlaneChunk = 2048;           // values of one channel (planes
 constexpr int64_t kPlaneBlock = 16 * kPlaneChunk;
 constexpr int64_t kRowChunk = 64;               // rows per chunk (rows)
 constexpr int64_t kRowBlock = 16 * kRowChunk;   // rows per work item
-constexpr int64_t kChannelBlock = 64;           // channels per work item (rows)
+constexpr int64_t kChannelBlock = 64;           // smallest channel split of a row block (rows)
+
+// Channels per work item (rows layout): whole rows when there are enough row blocks to share
+// out, so each item reads its rows' memory contiguously; narrower blocks (multiples of the
+// vector width) otherwise. A channel's result does not depend on this split (lanes are
+// independent channels and rows are always summed in the same chunks), only the speed does.
+inline int64_t rows_channel_block(int64_t C, int64_t nrb, int64_t V) {
+  constexpr int64_t kMinItems = 8;
+  if (nrb >= kMinItems) return std::max<int64_t>(C, 1);
+  const int64_t want = (kMinItems + nrb - 1) / nrb;  // channel blocks per row block
+  int64_t cb = (C + want - 1) / want;
+  cb = std::max(kChannelBlock, (cb + V - 1) / V * V);
+  return std::max<int64_t>(std::min(cb, C), 1);
+}
 
 // Visits the runs of channel c covering its logical values [k0, k1) (planes layout).
 template <typename F>
@@ -202,13 +215,14 @@ void channel_moments(const scalar_t* px, const Geometry& g, Moments* result) {
 
   // rows: work items are (channel block, row block); lanes run over channels.
   const int64_t M = count;
-  const int64_t ncb = (C + kChannelBlock - 1) / kChannelBlock;
   const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t cblock = rows_channel_block(C, nrb, V);
+  const int64_t ncb = (C + cblock - 1) / cblock;
   std::vector<Slot<Moments>> partial(nrb * C);
   at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t cb = item / nrb, rb = item % nrb;
-      const int64_t c0 = cb * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+      const int64_t rb = item / ncb, cb = item % ncb;
+      const int64_t c0 = cb * cblock, c1 = std::min(C, c0 + cblock);
       const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
       Slot<Moments>* out = partial.data() + rb * C;
       const int64_t nvec = (c1 - c0) / V;  // full vectors; the rest of the channels is scalar
@@ -297,48 +311,45 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
   }
 
   const int64_t M = count;
-  const int64_t ncb = (C + kChannelBlock - 1) / kChannelBlock;
   const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t cblock = rows_channel_block(C, nrb, V);
+  const int64_t ncb = (C + cblock - 1) / cblock;
   std::vector<Slot<GradSums>> partial(nrb * C);
   at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t NV = kChannelBlock / V + 1;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t cb = item / nrb, rb = item % nrb;
-      const int64_t c0 = cb * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+      const int64_t rb = item / ncb, cb = item % ncb;
+      const int64_t c0 = cb * cblock, c1 = std::min(C, c0 + cblock);
       const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
       Slot<GradSums>* out = partial.data() + rb * C;
       const int64_t nvec = (c1 - c0) / V;
-      aVec vm[NV];
-      for (int64_t j = 0; j < nvec; ++j) vm[j] = aVec::loadu(m + c0 + j * V);
+      std::vector<acc_t> acc(3 * V * std::max<int64_t>(nvec, 1));
       for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
         const int64_t r1 = std::min(r_end, r0 + kRowChunk);
-        aVec a0[NV], a1[NV], a2[NV];
+        // Row by row over the item's channels (sequential memory), float accumulators in L1.
         for (int64_t j = 0; j < nvec; ++j) {
-          a0[j] = aVec(acc_t(0));
-          a1[j] = aVec(acc_t(0));
-          a2[j] = aVec(acc_t(0));
+          aVec(acc_t(0)).store(acc.data() + 3 * j * V);
+          aVec(acc_t(0)).store(acc.data() + (3 * j + 1) * V);
+          aVec(acc_t(0)).store(acc.data() + (3 * j + 2) * V);
         }
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* p = px + r * C + c0;
           const scalar_t* q = pg + r * C + c0;
-          for (int64_t j = 0; j < nvec; ++j) {
+          acc_t* A = acc.data();
+          for (int64_t j = 0; j < nvec; ++j, A += 3 * V) {
             const aVec gv = load_acc(q + j * V);
-            const aVec xc = load_acc(p + j * V) - vm[j];
-            a0[j] += gv;
-            a1[j] = at::vec::fmadd(gv, xc, a1[j]);
-            if constexpr (kCentre) a2[j] += xc;
+            const aVec xc = load_acc(p + j * V) - aVec::loadu(m + c0 + j * V);
+            (aVec::loadu(A) + gv).store(A);
+            at::vec::fmadd(gv, xc, aVec::loadu(A + V)).store(A + V);
+            if constexpr (kCentre) (aVec::loadu(A + 2 * V) + xc).store(A + 2 * V);
           }
         }
         for (int64_t j = 0; j < nvec; ++j) {
-          acc_t b0[V], b1[V], b2[V];
-          a0[j].store(b0);
-          a1[j].store(b1);
-          a2[j].store(b2);
+          const acc_t* A = acc.data() + 3 * j * V;
           for (int64_t l = 0; l < V; ++l) {
             GradSums& o = out[c0 + j * V + l].v;
-            o.dy += b0[l];
-            o.dy_xc += b1[l];
-            if constexpr (kCentre) o.xc += b2[l];
+            o.dy += A[l];
+            o.dy_xc += A[V + l];
+            if constexpr (kCentre) o.xc += A[2 * V + l];
           }
         }
         for (int64_t c = c0 + nvec * V; c < c1; ++c) {
