@@ -428,6 +428,24 @@ void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const Geo
   }
   const int64_t M = g.N * g.S;
   const int64_t nvec = C / V;
+  if constexpr (kForm == Form::kAffine) {
+    if (co.m == nullptr) {  // uncentred: y = x * a + b (the caller checked the conditioning)
+      at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
+                       [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t base = r * C;
+          for (int64_t j = 0; j < nvec; ++j) {
+            const int64_t c = j * V;
+            store_acc(po + base + c, at::vec::fmadd(load_acc(px + base + c), aVec::loadu(co.a + c),
+                                                    aVec::loadu(co.b + c)));
+          }
+          for (int64_t c = nvec * V; c < C; ++c)
+            po[base + c] = static_cast<scalar_t>(static_cast<acc_t>(px[base + c]) * co.a[c] + co.b[c]);
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
