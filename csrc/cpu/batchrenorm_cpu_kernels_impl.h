@@ -446,6 +446,27 @@ void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const Geo
       return;
     }
   }
+  if constexpr (kForm == Form::kGrad) {
+    if (co.m == nullptr) {  // uncentred: dx = dy * a + x * b + k (the caller checked)
+      at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
+                       [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t base = r * C;
+          for (int64_t j = 0; j < nvec; ++j) {
+            const int64_t c = j * V;
+            const aVec v = at::vec::fmadd(
+                load_acc(pg + base + c), aVec::loadu(co.a + c),
+                at::vec::fmadd(load_acc(px + base + c), aVec::loadu(co.b + c), aVec::loadu(co.k + c)));
+            store_acc(po + base + c, v);
+          }
+          for (int64_t c = nvec * V; c < C; ++c)
+            po[base + c] = static_cast<scalar_t>(static_cast<acc_t>(pg[base + c]) * co.a[c] +
+                                                 (static_cast<acc_t>(px[base + c]) * co.b[c] + co.k[c]));
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
