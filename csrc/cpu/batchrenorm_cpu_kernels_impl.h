@@ -65,11 +65,11 @@ constexpr int64_t kRowBlock = 16 * kRowChunk;   // rows per work item
 constexpr int64_t kChannelBlock = 64;           // smallest channel split of a row block (rows)
 
 // Channels per work item (rows layout): whole rows when there are enough row blocks to share
-// out, so each item reads its rows' memory contiguously; narrower blocks (multiples of the
+// out (two per thread), so each item reads its rows' memory contiguously; narrower blocks (multiples of the
 // vector width) otherwise. A channel's result does not depend on this split (lanes are
 // independent channels and rows are always summed in the same chunks), only the speed does.
 inline int64_t rows_channel_block(int64_t C, int64_t nrb, int64_t V) {
-  constexpr int64_t kMinItems = 8;
+  const int64_t kMinItems = 2 * static_cast<int64_t>(at::get_num_threads());
   if (nrb >= kMinItems) return std::max<int64_t>(C, 1);
   const int64_t want = (kMinItems + nrb - 1) / nrb;  // channel blocks per row block
   int64_t cb = (C + want - 1) / want;
