@@ -310,6 +310,10 @@ def test_thread_count_does_not_change_results():
     (lambda x, w: ops.backward(x[:1], x, None, w, w, None, None, True, [True, True, True]),
      "grad_output must have the input's shape"),
     (lambda x, w: ops.normalize(x, w, w[:2]), r"shift must have shape \(C,\)"),
+    (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), None, float("nan"), 1e-5,
+                                    3.0, 5.0, 0, 0, 0), r"momentum must be in \[0, 1\]"),
+    (lambda x, w: ops.forward_train(x, None, None, None, None, torch.tensor(1.0), 0.1, 1e-5, 3.0,
+                                    5.0, 0, 0, 0), "num_batches_tracked must be an int64 scalar"),
 ])
 def test_op_argument_checks(call, match):
     x = torch.randn(2, 4, 3, 3)

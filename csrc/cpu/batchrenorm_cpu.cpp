@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "batchrenorm.h"
+#include "batchrenorm_checks.h"
 #include "cpu/batchrenorm_cpu_kernels.h"
 
 namespace batchrenorm {
@@ -42,6 +43,8 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
+
+constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
 
 // ---------------------------------------------------------------------------------------------
 // Canonical layout of an input.
@@ -51,15 +54,6 @@ struct Layout : Geometry {
   at::MemoryFormat format = at::MemoryFormat::Contiguous;
   int64_t count() const { return N * S; }  // values per channel
 };
-
-at::MemoryFormat memory_format_of(const Tensor& x) {
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
-    return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
 
 // `x` in a layout the kernels read in place (a copy only for other strides).
 Tensor canonical(const Tensor& x, Layout* g) {
@@ -76,45 +70,7 @@ Tensor canonical(const Tensor& x, Layout* g) {
 Tensor match_layout(const Tensor& dy, const Layout& g) { return dy.contiguous(g.format); }
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks for direct callers of the ops (batchrenorm_cuda.batch_renorm checks first).
-
-void check_input(const char* op, const Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": input must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() >= 2, op, ": input must have shape (N, C, *) of rank >= 2, got shape ",
-              x.sizes());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              ": input must be float32, float64, float16 or bfloat16, got ", t);
-}
-
-at::ScalarType stat_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_per_channel(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  const int64_t C = x.size(1);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (C,) = (", C,
-              ",), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == stat_type(x), op, ": ", name, " must be ", stat_type(x),
-              " for ", x.scalar_type(), " input, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-}
-
-void check_per_channel(const char* op, const char* name, const std::optional<Tensor>& t,
-                       const Tensor& x) {
-  if (t.has_value() && t->defined()) check_per_channel(op, name, *t, x);
-}
-
-void check_grad_output(const char* op, const Tensor& dy, const Tensor& x) {
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output must have the input's shape ",
-              x.sizes(), ", got ", dy.sizes());
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": grad_output must be ",
-              x.scalar_type(), " like input, got ", dy.scalar_type());
-  TORCH_CHECK(dy.device().is_cpu(), op, ": grad_output must be a CPU tensor, got ",
-              dy.device());
-}
-
-bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+// Per-channel values (argument checks: batchrenorm_checks.h, shared with the CUDA glue).
 
 // A per-channel tensor as a contiguous vector of doubles (`fill` when absent).
 template <typename acc_t>
@@ -243,27 +199,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     double eps, double r_max, double d_max, int64_t warmup_steps, int64_t r_max_ramp_steps,
     int64_t d_max_ramp_steps) {
   constexpr const char* op = "batchrenorm::forward_train";
-  check_input(op, input);
-  check_per_channel(op, "weight", weight, input);
-  check_per_channel(op, "bias", bias, input);
-  check_per_channel(op, "running_mean", running_mean, input);
-  check_per_channel(op, "running_var", running_var, input);
-  const bool has_running = present(running_mean);
-  TORCH_CHECK(has_running == present(running_var), op,
-              ": running_mean and running_var must both be tensors or both be None");
-  const bool has_step = present(num_batches_tracked);
-  if (has_step) {
-    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong &&
-                    num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu(),
-                op, ": num_batches_tracked must be an int64 CPU scalar tensor, got ",
-                num_batches_tracked->scalar_type(), " of shape ", num_batches_tracked->sizes(),
-                " on ", num_batches_tracked->device());
-  }
-  TORCH_CHECK(momentum.has_value() || has_step || !has_running, op,
-              ": momentum=None (cumulative average) needs num_batches_tracked");
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  TORCH_CHECK(r_max >= 1.0, op, ": r_max must be >= 1, got ", r_max);
-  TORCH_CHECK(d_max >= 0.0, op, ": d_max must be >= 0, got ", d_max);
+  const TrainFlags flags = check_forward_train(op, input, kDevice, weight, bias, running_mean,
+                                             running_var, num_batches_tracked, momentum,
+                                             eps, r_max, d_max);
+  const bool has_running = flags.has_running, has_step = flags.has_step;
 
   Layout g;
   const Tensor x = canonical(input, &g);
@@ -343,7 +282,7 @@ Tensor forward_eval(const Tensor& input, const std::optional<Tensor>& weight,
                     const std::optional<Tensor>& bias, const Tensor& running_mean,
                     const Tensor& running_var, double eps) {
   constexpr const char* op = "batchrenorm::forward_eval";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "bias", bias, input);
   check_per_channel(op, "running_mean", running_mean, input);
@@ -381,7 +320,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
                                             const std::optional<Tensor>& d, bool batch_stats,
                                             std::array<bool, 3> output_mask) {
   constexpr const char* op = "batchrenorm::backward";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_grad_output(op, grad_output, input);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "mean", mean, input);
@@ -456,7 +395,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   constexpr const char* op = "batchrenorm::batch_stats";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   Layout g;
   const Tensor x = canonical(input, &g);
   TORCH_CHECK(g.count() > 0, op, ": expected at least 1 value per channel, got input size ",
@@ -478,7 +417,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 
 Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) {
   constexpr const char* op = "batchrenorm::normalize";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_per_channel(op, "scale", scale, input);
   check_per_channel(op, "shift", shift, input);
   Layout g;
@@ -501,7 +440,7 @@ Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
                                            const Tensor& mean, const Tensor& invstd) {
   constexpr const char* op = "batchrenorm::backward_reduce";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_grad_output(op, grad_output, input);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);
@@ -529,7 +468,7 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
                       const Tensor& invstd, const Tensor& scale, const Tensor& mean_dy,
                       const Tensor& mean_dy_xhat) {
   constexpr const char* op = "batchrenorm::backward_input";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_grad_output(op, grad_output, input);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);

@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "batchrenorm.h"
+#include "batchrenorm_checks.h"
 #include "cuda/batchrenorm_cuda.h"
 
 namespace batchrenorm {
@@ -31,17 +32,10 @@ namespace {
 
 using at::Tensor;
 
+constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+
 // ---------------------------------------------------------------------------------------------
 // Layout.
-
-at::MemoryFormat memory_format_of(const Tensor& x) {
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
-    return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
 
 struct Canonical {
   Tensor x;  // input, dense in `format`
@@ -83,51 +77,12 @@ DType dtype_of(const Tensor& x) {
   TORCH_CHECK(false, "batchrenorm: unsupported input dtype ", x.scalar_type());
 }
 
-at::ScalarType stat_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Tensor per_channel_empty(const Tensor& x) {
   return at::empty({x.size(1)}, x.options().dtype(stat_type(x)));
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks (batchrenorm_cuda.batch_renorm validates first; these guard direct callers).
-
-bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
-void check_input(const char* op, const Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), op, ": input must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() >= 2, op, ": input must have shape (N, C, *) of rank >= 2, got shape ",
-              x.sizes());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              ": input must be float32, float64, float16 or bfloat16, got ", t);
-}
-
-void check_per_channel(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  const int64_t C = x.size(1);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (C,) = (", C,
-              ",), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == stat_type(x), op, ": ", name, " must be ", stat_type(x),
-              " for ", x.scalar_type(), " input, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ",
-              x.device(), " like input");
-}
-
-void check_per_channel(const char* op, const char* name, const std::optional<Tensor>& t,
-                       const Tensor& x) {
-  if (present(t)) check_per_channel(op, name, *t, x);
-}
-
-void check_grad_output(const char* op, const Tensor& dy, const Tensor& x) {
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output must have the input's shape ",
-              x.sizes(), ", got ", dy.sizes());
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": grad_output must be ",
-              x.scalar_type(), " like input, got ", dy.scalar_type());
-  TORCH_CHECK(dy.device() == x.device(), op, ": grad_output is on ", dy.device(), ", expected ",
-              x.device(), " like input");
-}
+// Kernel arguments (argument checks: batchrenorm_checks.h, shared with the CPU glue).
 
 // A per-channel tensor as a contiguous one (kept alive by the caller), or nullptr when absent.
 const void* ptr_or_null(const std::optional<Tensor>& t, Tensor* keep) {
@@ -150,28 +105,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_cuda(
     double eps, double r_max, double d_max, int64_t warmup_steps, int64_t r_max_ramp_steps,
     int64_t d_max_ramp_steps) {
   constexpr const char* op = "batchrenorm::forward_train";
-  check_input(op, input);
-  check_per_channel(op, "weight", weight, input);
-  check_per_channel(op, "bias", bias, input);
-  check_per_channel(op, "running_mean", running_mean, input);
-  check_per_channel(op, "running_var", running_var, input);
-  const bool has_running = present(running_mean);
-  TORCH_CHECK(has_running == present(running_var), op,
-              ": running_mean and running_var must both be tensors or both be None");
-  const bool has_step = present(num_batches_tracked);
-  if (has_step) {
-    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong &&
-                    num_batches_tracked->numel() == 1 &&
-                    num_batches_tracked->device() == input.device(),
-                op, ": num_batches_tracked must be an int64 scalar tensor on ", input.device(),
-                ", got ", num_batches_tracked->scalar_type(), " of shape ",
-                num_batches_tracked->sizes(), " on ", num_batches_tracked->device());
-  }
-  TORCH_CHECK(momentum.has_value() || has_step || !has_running, op,
-              ": momentum=None (cumulative average) needs num_batches_tracked");
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  TORCH_CHECK(r_max >= 1.0, op, ": r_max must be >= 1, got ", r_max);
-  TORCH_CHECK(d_max >= 0.0, op, ": d_max must be >= 0, got ", d_max);
+  const TrainFlags flags = check_forward_train(op, input, kDevice, weight, bias, running_mean,
+                                             running_var, num_batches_tracked, momentum,
+                                             eps, r_max, d_max);
+  const bool has_running = flags.has_running, has_step = flags.has_step;
 
   const c10::cuda::CUDAGuard guard(input.device());
   const Canonical c = canonical(input);
@@ -225,7 +162,7 @@ Tensor forward_eval_cuda(const Tensor& input, const std::optional<Tensor>& weigh
                     const std::optional<Tensor>& bias, const Tensor& running_mean,
                     const Tensor& running_var, double eps) {
   constexpr const char* op = "batchrenorm::forward_eval";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "bias", bias, input);
   check_per_channel(op, "running_mean", running_mean, input);
@@ -261,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_output, cons
                                             const std::optional<Tensor>& d, bool batch_stats,
                                             std::array<bool, 3> output_mask) {
   constexpr const char* op = "batchrenorm::backward";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_grad_output(op, grad_output, input);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "mean", mean, input);
@@ -328,7 +265,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_output, cons
 
 std::tuple<Tensor, Tensor> batch_stats_cuda(const Tensor& input) {
   constexpr const char* op = "batchrenorm::batch_stats";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   const c10::cuda::CUDAGuard guard(input.device());
   const Canonical c = canonical(input);
   TORCH_CHECK(c.layout.N * c.layout.S > 0, op,
@@ -351,7 +288,7 @@ std::tuple<Tensor, Tensor> batch_stats_cuda(const Tensor& input) {
 
 Tensor normalize_cuda(const Tensor& input, const Tensor& scale, const Tensor& shift) {
   constexpr const char* op = "batchrenorm::normalize";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_per_channel(op, "scale", scale, input);
   check_per_channel(op, "shift", shift, input);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -375,7 +312,7 @@ Tensor normalize_cuda(const Tensor& input, const Tensor& scale, const Tensor& sh
 std::tuple<Tensor, Tensor> backward_reduce_cuda(const Tensor& grad_output, const Tensor& input,
                                            const Tensor& mean, const Tensor& invstd) {
   constexpr const char* op = "batchrenorm::backward_reduce";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_grad_output(op, grad_output, input);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);
@@ -408,7 +345,7 @@ Tensor backward_input_cuda(const Tensor& grad_output, const Tensor& input, const
                       const Tensor& invstd, const Tensor& scale, const Tensor& mean_dy,
                       const Tensor& mean_dy_xhat) {
   constexpr const char* op = "batchrenorm::backward_input";
-  check_input(op, input);
+  check_input(op, input, kDevice);
   check_grad_output(op, grad_output, input);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);
