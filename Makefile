@@ -1,4 +1,6 @@
-# make test   set up .venv, build the extension, run the whole suite
+# make test   set up .venv, build the extension, run the whole suite (the emulated CUDA
+#             kernels included, and their AddressSanitizer run)
+# make test-cuda-emulation   build the emulated CUDA kernels and run only their tests
 # make bench  set up .venv, build, run the benchmark on the default device (CUDA if present)
 #
 # The venv sees the system's site-packages, so a torch that is already installed (a CUDA
@@ -10,7 +12,13 @@ PY         := $(VENV)/bin/python
 BENCH_ARGS ?=
 SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: test bench accuracy build venv clean
+.PHONY: test test-cuda-emulation bench accuracy build venv clean system-deps
+
+# Boost.Fiber runs the emulated CUDA threads (tests/cuda_emulation.py); installed when missing.
+system-deps:
+	@test -f /usr/include/boost/fiber/all.hpp || { \
+	  (apt-get update -qq && apt-get install -y -qq libboost-fiber-dev) >/dev/null || \
+	  { echo "make: needs Boost.Fiber (Debian: apt-get install libboost-fiber-dev)" >&2; exit 1; }; }
 
 venv: $(VENV)/.ready
 $(VENV)/.ready:
@@ -24,8 +32,11 @@ $(VENV)/.built: $(VENV)/.ready $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: build
-	$(PY) -m pytest -q tests
+test: build system-deps
+	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q tests
+
+test-cuda-emulation: build system-deps
+	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q -m cuda_emulation tests
 
 bench: build
 	$(PY) benchmarks/bench_batchrenorm.py $(BENCH_ARGS)

@@ -63,20 +63,22 @@ def _per_channel_like(input: Tensor, count: int):
                  for _ in range(count))
 
 
-if _C is not None:
+def register_fakes(namespace: str) -> None:
+    """The fake (meta) kernels of the ops in `namespace`: "batchrenorm", or a test namespace with
+    the same schemas (the CUDA emulation)."""
 
-    @torch.library.register_fake("batchrenorm::forward_train")
+    @torch.library.register_fake(f"{namespace}::forward_train")
     def _forward_train_fake(input, weight, bias, running_mean, running_var, num_batches_tracked,
                             momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
                             d_max_ramp_steps):
         output = torch.empty_like(input, memory_format=memory_format_of(input))
         return (output, *_per_channel_like(input, 4))
 
-    @torch.library.register_fake("batchrenorm::forward_eval")
+    @torch.library.register_fake(f"{namespace}::forward_eval")
     def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
         return torch.empty_like(input, memory_format=memory_format_of(input))
 
-    @torch.library.register_fake("batchrenorm::backward")
+    @torch.library.register_fake(f"{namespace}::backward")
     def _backward_fake(grad_output, input, weight, mean, invstd, r, d, batch_stats, output_mask):
         grad_input = (torch.empty_like(input, memory_format=memory_format_of(input))
                       if output_mask[0] else None)
@@ -84,21 +86,29 @@ if _C is not None:
         grad_bias = mean.new_empty(mean.shape) if output_mask[2] else None
         return grad_input, grad_weight, grad_bias
 
-    @torch.library.register_fake("batchrenorm::batch_stats")
+    @torch.library.register_fake(f"{namespace}::batch_stats")
     def _batch_stats_fake(input):
         return _per_channel_like(input, 2)
 
-    @torch.library.register_fake("batchrenorm::normalize")
+    @torch.library.register_fake(f"{namespace}::normalize")
     def _normalize_fake(input, scale, shift):
         return torch.empty_like(input, memory_format=memory_format_of(input))
 
-    @torch.library.register_fake("batchrenorm::backward_reduce")
+    @torch.library.register_fake(f"{namespace}::backward_reduce")
     def _backward_reduce_fake(grad_output, input, mean, invstd):
         return _per_channel_like(input, 2)
 
-    @torch.library.register_fake("batchrenorm::backward_input")
+    @torch.library.register_fake(f"{namespace}::backward_input")
     def _backward_input_fake(grad_output, input, mean, invstd, scale, mean_dy, mean_dy_xhat):
         return torch.empty_like(input, memory_format=memory_format_of(input))
+
+
+if _C is not None:
+    register_fakes("batchrenorm")
+
+# The op namespace the fused autograd Functions call. Tests point it at another namespace with
+# the same schemas (batchrenorm_cuda.testing.fused_ops_namespace: the CUDA emulation).
+OPS = torch.ops.batchrenorm
 
 
 def _output_mask(ctx, has_weight: bool, has_bias: bool):
@@ -119,7 +129,7 @@ class FusedTrain(torch.autograd.Function):
         # config = (momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
         # d_max_ramp_steps): one argument rather than seven, because apply() walks every
         # argument on each call and this is the per-layer eager overhead.
-        output, mean, invstd, r, d = torch.ops.batchrenorm.forward_train(
+        output, mean, invstd, r, d = OPS.forward_train(
             input, weight, bias, running_mean, running_var, num_batches_tracked, *config)
         ctx.save_for_backward(input, weight, mean, invstd, r, d)
         ctx.has_bias = bias is not None
@@ -130,7 +140,7 @@ class FusedTrain(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         input, weight, mean, invstd, r, d = ctx.saved_tensors
         mask = _output_mask(ctx, weight is not None, ctx.has_bias)
-        grad_input, grad_weight, grad_bias = torch.ops.batchrenorm.backward(
+        grad_input, grad_weight, grad_bias = OPS.backward(
             grad_output, input, weight, mean, invstd, r, d, True, mask)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
@@ -142,7 +152,7 @@ class FusedEval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
-        output = torch.ops.batchrenorm.forward_eval(input, weight, bias, running_mean,
+        output = OPS.forward_eval(input, weight, bias, running_mean,
                                                     running_var, eps)
         ctx.save_for_backward(input, weight, running_mean, running_var)
         ctx.has_bias = bias is not None
@@ -155,6 +165,6 @@ class FusedEval(torch.autograd.Function):
         input, weight, running_mean, running_var = ctx.saved_tensors
         mask = _output_mask(ctx, weight is not None, ctx.has_bias)
         invstd = torch.rsqrt(running_var + ctx.eps)
-        grad_input, grad_weight, grad_bias = torch.ops.batchrenorm.backward(
+        grad_input, grad_weight, grad_bias = OPS.backward(
             grad_output, input, weight, running_mean, invstd, None, None, False, mask)
         return grad_input, grad_weight, grad_bias, None, None, None

@@ -1,6 +1,7 @@
 """Shapes, dtypes and tolerances shared by the tests and the benchmarks (one source of truth)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -44,3 +45,18 @@ def make_params(channels: int, input_dtype: torch.dtype, device="cpu",
     running_mean = rand(channels) - 0.5
     running_var = rand(channels) + 0.5
     return weight, bias, running_mean, running_var
+
+
+@contextlib.contextmanager
+def fused_ops_namespace(namespace: str):
+    """Within the block, the fused path (batch_renorm(backend="fused"), the modules) calls the
+    ops of torch.ops.<namespace> instead of torch.ops.batchrenorm: a library registering the
+    same schemas for CPU tensors, such as the CUDA emulation of the tests."""
+    from . import _ops
+
+    previous = _ops.OPS
+    _ops.OPS = getattr(torch.ops, namespace)
+    try:
+        yield _ops.OPS
+    finally:
+        _ops.OPS = previous

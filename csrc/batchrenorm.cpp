@@ -1,4 +1,5 @@
-// batchrenorm.cpp: the op schemas of the `batchrenorm` namespace, and the Python module stub.
+// batchrenorm.cpp: the `batchrenorm` op namespace (schemas: batchrenorm_schemas.h), and the
+// Python module stub.
 //
 // Backends register their kernels in mirrored files:
 //   csrc/cpu/batchrenorm_cpu.cpp    TORCH_LIBRARY_IMPL(batchrenorm, CPU)
@@ -6,6 +7,8 @@
 // Autograd (an autograd.Function) and the fake kernels live in batchrenorm_cuda/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "batchrenorm_schemas.h"
 
 extern "C" {
 // Importing batchrenorm_cuda._C runs the static TORCH_LIBRARY registrations below.
@@ -15,47 +18,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(batchrenorm, m) {
-  // One fused training step: batch statistics, clip bounds from the step counter (read on the
-  // device), r and d from the pre-update buffers, y = x * scale + shift, then the running
-  // buffers and the counter are updated. Returns y and, in the statistics dtype (float32, or
-  // float64 for float64 input), the per-channel mean, invstd = 1/sigma_B, r and d that
-  // backward needs.
-  //  - running_mean / running_var: both or neither. Neither: r = 1, d = 0 (BatchNorm).
-  //  - num_batches_tracked: int64 scalar or None. None: the final bounds (r_max, d_max); momentum
-  //    must then be a float. It is incremented when running_mean / running_var are given.
-  //  - momentum None: cumulative average with factor 1 / (num_batches_tracked + 1).
-  m.def(
-      "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps, "
-      "float r_max, float d_max, int warmup_steps, int r_max_ramp_steps, int d_max_ramp_steps) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor r, Tensor d)");
-  // Inference with the running statistics: exactly nn.BatchNorm's eval.
-  m.def(
-      "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
-      "Tensor running_var, float eps) -> Tensor");
-  // Backward of both forwards. batch_stats: mean and invstd are the batch's own statistics
-  // (training), so dx gets BatchNorm's centring terms; otherwise they are constants (eval).
-  // r and d None mean 1 and 0. output_mask picks (grad_input, grad_weight, grad_bias); an
-  // entry that is false comes back as None.
-  m.def(
-      "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-      "Tensor? r, Tensor? d, bool batch_stats, bool[3] output_mask) "
-      "-> (Tensor?, Tensor?, Tensor?)");
-
-  // The building blocks of the fused ops, for SyncBatchRenorm, which merges statistics across
-  // processes between them (as nn.SyncBatchNorm uses batch_norm_stats / _elemt / _reduce):
-  //  batch_stats:     per-channel mean and M2 = sum((x - mean)^2), for Chan merges.
-  //  normalize:       y = x * scale[c] + shift[c].
-  //  backward_reduce: per-channel sum(dy) and sum(dy * xhat), xhat = (x - mean) * invstd.
-  //  backward_input:  dx = scale[c] * (dy - mean_dy[c] - xhat * mean_dy_xhat[c]).
-  // All per-channel tensors are in the statistics dtype; outputs keep the input's layout.
-  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor m2)");
-  m.def("normalize(Tensor input, Tensor scale, Tensor shift) -> Tensor");
-  m.def(
-      "backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd) "
-      "-> (Tensor sum_dy, Tensor sum_dy_xhat)");
-  m.def(
-      "backward_input(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
-      "Tensor scale, Tensor mean_dy, Tensor mean_dy_xhat) -> Tensor");
-}
+TORCH_LIBRARY(batchrenorm, m) { batchrenorm::define_ops(m); }

@@ -1,9 +1,12 @@
-"""The CUDA kernels (backend="fused" on CUDA tensors) against the reference, and the ops called
-directly on CUDA: every case of tests/test_fused_ops.py on the GPU, plus what only a GPU has
-(layouts and sizes that pick each kernel path, run-to-run bit equality, CUDA-graph capture,
-tensors over 2^31 elements, fp16 inputs near the top of its range).
-
-Skipped (conftest.requires_cuda) without a GPU and the CUDA build of the extension."""
+"""The CUDA kernels against the reference, and the ops called directly, on two backends with one
+test body each:
+  cuda           the CUDA build on a GPU (skipped without one);
+  cuda_emulated  the same kernel source and glue logic compiled by g++ and executed on the CPU
+                 by the CUDA emulator (tests/cuda_emulation.py, csrc/cuda/emulation): every
+                 launch is run under the in-order schedule and 3 random ones, which must agree
+                 bit for bit, with outputs, workspace and shared memory poisoned first.
+Cases only a GPU can run (CUDA graphs, > 2^31 elements on device memory) skip on the emulator.
+"""
 import math
 
 import pytest
@@ -14,20 +17,39 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.testing import DTYPES, make_params, tolerance
-
-from conftest import requires_cuda
-
-pytestmark = requires_cuda
-
-ops = torch.ops.batchrenorm
+from batchrenorm_cuda.testing import DTYPES, fused_ops_namespace, make_params, tolerance
 
 import fused_cases
 from fused_cases import buffer_tol as _buffer_tol
 from fused_cases import grad_tol as _grad_tol
 from fused_cases import train_step as _step
 
+# Set by the `backend` fixture for each test: the tensors' device and the op namespace.
 DEV = "cuda"
+ops = torch.ops.batchrenorm
+
+
+@pytest.fixture(autouse=True, params=["cuda", pytest.param("cuda_emulated",
+                                                           marks=pytest.mark.cuda_emulation)])
+def backend(request):
+    global DEV, ops
+    if request.param == "cuda":
+        if not brn.extension_available("cuda"):
+            pytest.skip("needs a CUDA GPU and the CUDA build of the extension")
+        DEV, ops = "cuda", torch.ops.batchrenorm
+        yield "cuda"
+        return
+    emulation = request.getfixturevalue("cuda_emulation")
+    emulation.set_device(16, 2)
+    DEV, ops = "cpu", torch.ops.batchrenorm_emulated_cuda
+    with fused_ops_namespace("batchrenorm_emulated_cuda"):
+        yield "cuda_emulated"
+    DEV, ops = "cuda", torch.ops.batchrenorm
+
+
+def gpu_only(backend):
+    if backend != "cuda":
+        pytest.skip("needs a real GPU (not reproducible by the emulator)")
 
 
 def _layout(shape, kind):
@@ -197,7 +219,8 @@ def test_fp16_near_max_gives_finite_statistics(fmt):
     assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-3)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 5),
     c=st.integers(1, 40),
@@ -269,11 +292,11 @@ def test_ops_match_cpu_kernels(dtype, shape, fmt):
             args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         cpu_args = tuple(a.cpu().clone() if isinstance(a, torch.Tensor) else a for a in args)
         out = getattr(ops, name)(*args)
-        out_cpu = getattr(ops, name)(*cpu_args)
+        out_cpu = getattr(torch.ops.batchrenorm, name)(*cpu_args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         outs_cpu = out_cpu if isinstance(out_cpu, (tuple, list)) else (out_cpu,)
         for a, b in zip(outs, outs_cpu):
-            assert a.device.type == "cuda"
+            assert a.device.type == torch.device(DEV).type
             # Full-size outputs: elementwise tolerance; per-channel ones are sums over m values.
             t = tol if a.dim() > 1 else _grad_tol(dtype, args[0])
             assert_close(a.cpu(), b, **t, msg=lambda m: f"{name}: {m}")
@@ -381,7 +404,8 @@ def test_repeated_runs_are_bit_identical(shape, fmt, dtype):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_cuda_graph_training_step(fmt):
+def test_cuda_graph_training_step(fmt, backend):
+    gpu_only(backend)
     # A whole training step (forward, backward) of a module captured in a CUDA graph: replays
     # read the step counter on the device, update the buffers, and match eager steps.
     torch.manual_seed(5)
@@ -453,7 +477,8 @@ def _free_gib():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_over_2_31_elements(fmt):
+def test_over_2_31_elements(fmt, backend):
+    gpu_only(backend)
     # 2^31 + a bit fp16 elements (4 GiB each for x, y, dy, dx): 64-bit indexing everywhere.
     if _free_gib() < 40:
         pytest.skip("needs about 40 GiB of free GPU memory")
@@ -511,8 +536,34 @@ def test_over_2_31_elements(fmt):
      "grad_output must have the input's shape"),
     (lambda x, w: ops.normalize(x, w, w[:2]), r"shift must have shape \(C,\)"),
 ])
-def test_op_argument_checks(call, match):
+def test_op_argument_checks(call, match, backend):
+    if backend != "cuda" and match in ("weight is on cpu", "num_batches_tracked must be"):
+        pytest.skip("a device mismatch needs two devices")
     x = torch.randn(2, 4, 3, 3, device=DEV)
     w = torch.rand(4, device=DEV) + 0.5
     with pytest.raises(RuntimeError, match=match):
         call(x, w)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_large_mean_with_d_correction_active(fmt):
+    # Mean 3000, std 0.05, running_mean within +-0.04 of the batch mean: d = (mean - running_mean)
+    # / sigma must come from the unrounded mean (an fp32 mean near 3000 is off by ~1e-4, 0.5% of
+    # d here). Found by the emulator: d was -0.7462 where -0.7499 is right.
+    torch.manual_seed(11)
+    C = 4
+    x64 = torch.randn(8, C, 10, 10, dtype=torch.float64) * 0.05 + 3000.0
+    x = x64.float().to(DEV).contiguous(memory_format=fmt)
+    xd = x.double()
+    batch_mean = xd.mean((0, 2, 3))
+    run_mean = (batch_mean + torch.linspace(-0.04, 0.04, C, dtype=torch.float64, device=DEV))
+    run_var = torch.full((C,), 0.05**2, dtype=torch.float64, device=DEV)
+    w, b = torch.ones(C, device=DEV), torch.zeros(C, device=DEV)
+    y, mean, invstd, r, d = ops.forward_train(x, w, b, run_mean.float(), run_var.float(), None,
+                                              0.1, 1e-5, 3.0, 5.0, 0, 0, 0)
+    y_ref = reference.batch_renorm(xd, run_mean.float().double(), run_var.float().double(),
+                                   w.double(), b.double(), True, 0.1, 1e-5, 3.0, 5.0)
+    sigma = (run_var.float().double() + 1e-5).sqrt()
+    d_ref = ((batch_mean - run_mean.float().double()) / sigma).clamp(-5, 5)
+    assert_close(d.double(), d_ref, atol=2e-4, rtol=0)
+    assert_close(y.double(), y_ref, atol=5e-5 * float(y_ref.abs().max()), rtol=0)

@@ -36,6 +36,11 @@
 #include "batchrenorm.h"
 #include "cuda/batchrenorm_cuda.h"
 
+// The dynamic shared memory of this file's kernels (elementwise_kernel's coefficient table),
+// declared once at global scope: one untyped array that every template instantiation casts, so
+// no two extern __shared__ declarations can disagree on type or alignment.
+extern __shared__ __align__(16) unsigned char batchrenorm_dynamic_smem[];
+
 namespace batchrenorm {
 namespace cuda {
 namespace {
@@ -394,9 +399,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const acc_t b = p.bias != nullptr ? p.bias[c] : acc_t(0);
         const acc_t run_mean = has_running ? p.running_mean[c] : acc_t(0);
         const acc_t run_var = has_running ? p.running_var[c] : acc_t(1);
-        const ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
+        ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
             mean, var, static_cast<acc_t>(p.eps), has_running, run_mean, run_var, r_max, d_max,
             w, b);
+        if (has_running) {
+          // d from the unrounded mean, (shift - running_mean) + mean(x - shift): the rounding of
+          // `mean` to acc_t (1e-4 near 3000 in float) is a large part of sigma when |mean| >>
+          // std, and d divides by sigma.
+          const acc_t sigma = sqrt(run_var + static_cast<acc_t>(p.eps));
+          k.d = clamp_to<acc_t>(((shift - run_mean) + mean_shifted) / sigma, -d_max, d_max);
+        }
         p.out0[c] = mean;
         p.out1[c] = k.invstd;
         p.out2[c] = k.r;
@@ -699,8 +711,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     elementwise_kernel(const ElementwiseParams<T, typename AccOf<T>::type> p) {
   using acc_t = typename AccOf<T>::type;
   constexpr int R = NHWC ? V : 1;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* tm = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* tm = reinterpret_cast<acc_t*>(batchrenorm_dynamic_smem);
   acc_t* ta = tm + p.C;
   acc_t* tb = ta + p.C;
   acc_t* te = tb + p.C;
@@ -794,7 +805,8 @@ constexpr int kMaxDevices = 64;
 // Co-resident CTAs of `kernel` on the current device: SMs x occupancy. Queried once per
 // (kernel, device) and cached, since every call of an op needs it (host overhead matters for
 // the small layers). `cache` is one per kernel instantiation.
-cudaError_t resident_ctas(const void* kernel, std::atomic<int>* cache, int64_t* out) {
+template <typename Kernel>
+cudaError_t resident_ctas(Kernel kernel, std::atomic<int>* cache, int64_t* out) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -818,8 +830,8 @@ cudaError_t resident_ctas(const void* kernel, std::atomic<int>* cache, int64_t* 
   return cudaSuccess;
 }
 
-template <int V>
-cudaError_t make_plan(const Layout& L, const void* kernel, std::atomic<int>* cache, Plan* plan) {
+template <int V, typename Kernel>
+cudaError_t make_plan(const Layout& L, Kernel kernel, std::atomic<int>* cache, Plan* plan) {
   int64_t max_grid = 0;
   cudaError_t err = resident_ctas(kernel, cache, &max_grid);
   if (err != cudaSuccess) return err;
@@ -860,8 +872,9 @@ template <typename T, int V, bool NHWC, bool Welford>
 cudaError_t run_cooperative(Params<T, typename AccOf<T>::type> params, const Layout& layout,
                             void* workspace, size_t* workspace_bytes, cudaStream_t stream) {
   using acc_t = typename AccOf<T>::type;
-  const void* kernel = Welford ? reinterpret_cast<const void*>(welford_kernel<T, V, NHWC>)
-                               : reinterpret_cast<const void*>(grad_kernel<T, V, NHWC>);
+  // Typed, not const void*: the launch and the occupancy query see the parameter types.
+  void (*const kernel)(Params<T, acc_t>) =
+      Welford ? welford_kernel<T, V, NHWC> : grad_kernel<T, V, NHWC>;
   static std::atomic<int> resident_cache[kMaxDevices];  // one per kernel
   Plan plan;
   cudaError_t err = make_plan<V>(layout, kernel, resident_cache, &plan);
@@ -996,9 +1009,9 @@ cudaError_t launch_elementwise(ElementwiseParams<T, typename AccOf<T>::type> p, 
   using acc_t = typename AccOf<T>::type;
   const size_t table_bytes = 4 * static_cast<size_t>(p.C) * sizeof(acc_t);
   p.table = table_bytes <= static_cast<size_t>(kTableBytes);
-  elementwise_kernel<T, V, NHWC><<<static_cast<unsigned>(blocks), kThreads,
-                                   p.table ? table_bytes : 0, stream>>>(p);
-  return cudaGetLastError();
+  void* args[] = {&p};
+  return cudaLaunchKernel(elementwise_kernel<T, V, NHWC>, dim3(static_cast<unsigned>(blocks)),
+                          dim3(kThreads), args, p.table ? table_bytes : 0, stream);
 }
 
 template <typename T>

@@ -1,0 +1,408 @@
+// batchrenorm_cuda_glue.h: the CUDA glue of every `batchrenorm` op, torch-facing but free of the
+// CUDA runtime: argument checks naming the argument (batchrenorm_checks.h), the input's canonical
+// layout (as batchrenorm_cuda._ops.memory_format_of and the CPU glue), outputs allocated in that
+// layout, the argument structs of batchrenorm_cuda.h filled, the workspace queried and
+// allocated, and one launcher call per kernel.
+//
+// It is a template over a runtime RT, so that one copy of this logic serves two backends:
+//   csrc/cuda/batchrenorm_cuda.cpp              CUDA tensors on a GPU (device guard, current
+//                                              stream, C10_CUDA_CHECK)
+//   csrc/cuda/emulation/batchrenorm_emulated.cpp CPU tensors, the same kernels executed by the
+//                                              CUDA emulator (tests)
+// RT provides: kDevice (the tensors' device type); Guard (constructed from the input's device);
+// stream(); check(op, err) for host-side calls; launch(op, mutated, written, f), which runs f()
+// (one kernel launch returning its cudaError_t) given the tensors that f updates in place and
+// those it writes.
+//
+// The single-launch reductions need a scratch workspace for their per-CTA partials; it comes
+// from the caching allocator (free after warm-up, and capturable in a CUDA graph). The kernel
+// writes every workspace byte before reading it, so it is never memset, and the grid barrier is
+// the cooperative launch's own: no state persists between calls.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "batchrenorm.h"
+#include "batchrenorm_checks.h"
+#include "cuda/batchrenorm_cuda.h"
+
+namespace batchrenorm {
+namespace cuda {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// Layout.
+
+struct Canonical {
+  Tensor x;  // input, dense in `format`
+  at::MemoryFormat format;
+  Layout layout;
+};
+
+// Contiguous inputs without spatial extent (S == 1) are read as channels-last rows: the same
+// memory, and the layout that vectorises along C.
+inline Canonical canonical(const Tensor& input) {
+  Canonical c;
+  c.format = memory_format_of(input);
+  c.x = input.contiguous(c.format);
+  c.layout.N = input.size(0);
+  c.layout.C = input.size(1);
+  c.layout.S = 1;
+  for (int64_t i = 2; i < input.dim(); ++i) c.layout.S *= input.size(i);
+  c.layout.channels_last = c.format != at::MemoryFormat::Contiguous || c.layout.S == 1;
+  return c;
+}
+
+inline Tensor empty_output(const Tensor& input, const Canonical& c) {
+  return at::empty(input.sizes(), input.options().memory_format(c.format));
+}
+
+inline DType dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    default:
+      break;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+  }
+  TORCH_CHECK(false, "batchrenorm: unsupported input dtype ", x.scalar_type());
+}
+
+inline Tensor per_channel_empty(const Tensor& x) {
+  return at::empty({x.size(1)}, x.options().dtype(stat_type(x)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel arguments (argument checks: batchrenorm_checks.h, shared with the CPU glue).
+
+// A per-channel tensor as a contiguous one (kept alive by the caller), or nullptr when absent.
+inline const void* ptr_or_null(const std::optional<Tensor>& t, Tensor* keep) {
+  if (!present(t)) return nullptr;
+  *keep = t->contiguous();
+  return keep->data_ptr();
+}
+
+inline std::optional<Tensor> optional(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+inline Tensor workspace(const Tensor& like, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+template <class RT>
+struct Glue {
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
+      const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+      const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+      const std::optional<Tensor>& num_batches_tracked, std::optional<double> momentum,
+      double eps, double r_max, double d_max, int64_t warmup_steps, int64_t r_max_ramp_steps,
+      int64_t d_max_ramp_steps) {
+    constexpr const char* op = "batchrenorm::forward_train";
+    const TrainFlags flags = check_forward_train(op, input, RT::kDevice, weight, bias, running_mean,
+                                               running_var, num_batches_tracked, momentum,
+                                               eps, r_max, d_max);
+    const bool has_running = flags.has_running, has_step = flags.has_step;
+
+    const typename RT::Guard guard(input.device());
+    const Canonical c = canonical(input);
+    TORCH_CHECK(c.layout.N * c.layout.S > 1, op,
+                ": expected more than 1 value per channel when training, got input size ",
+                input.sizes());
+    Tensor output = empty_output(input, c);
+    Tensor save_mean = per_channel_empty(input), save_invstd = per_channel_empty(input);
+    Tensor save_r = per_channel_empty(input), save_d = per_channel_empty(input);
+    if (c.layout.C == 0) return {output, save_mean, save_invstd, save_r, save_d};
+
+    Tensor w, b, rm, rv;
+    ForwardTrainArgs a{};
+    a.dtype = dtype_of(input);
+    a.layout = c.layout;
+    a.x = c.x.data_ptr();
+    a.y = output.data_ptr();
+    a.weight = ptr_or_null(weight, &w);
+    a.bias = ptr_or_null(bias, &b);
+    if (has_running) {
+      // The kernel updates the buffers in place; a non-contiguous one goes through a copy.
+      rm = running_mean->contiguous();
+      rv = running_var->contiguous();
+      a.running_mean = rm.data_ptr();
+      a.running_var = rv.data_ptr();
+    }
+    a.num_batches_tracked = has_step ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+    a.cumulative = !momentum.has_value();
+    a.momentum = momentum.value_or(0.0);
+    a.eps = eps;
+    a.schedule = RenormSchedule{r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps};
+    a.save_mean = save_mean.data_ptr();
+    a.save_invstd = save_invstd.data_ptr();
+    a.save_r = save_r.data_ptr();
+    a.save_d = save_d.data_ptr();
+    a.stream = RT::stream();
+
+    size_t bytes = 0;
+    RT::check(op, batchrenorm::cuda::forward_train(a, nullptr, &bytes));
+    Tensor ws = workspace(input, bytes);
+    Tensor step = has_step ? *num_batches_tracked : Tensor();
+    RT::launch(op, {rm, rv, step}, {output, save_mean, save_invstd, save_r, save_d, ws},
+               [&] { return batchrenorm::cuda::forward_train(a, ws.data_ptr(), &bytes); });
+
+    if (has_running) {
+      if (!running_mean->is_same(rm)) running_mean->copy_(rm);
+      if (!running_var->is_same(rv)) running_var->copy_(rv);
+    }
+    return {output, save_mean, save_invstd, save_r, save_d};
+  }
+
+  static Tensor forward_eval(const Tensor& input, const std::optional<Tensor>& weight,
+                      const std::optional<Tensor>& bias, const Tensor& running_mean,
+                      const Tensor& running_var, double eps) {
+    constexpr const char* op = "batchrenorm::forward_eval";
+    check_input(op, input, RT::kDevice);
+    check_per_channel(op, "weight", weight, input);
+    check_per_channel(op, "bias", bias, input);
+    check_per_channel(op, "running_mean", running_mean, input);
+    check_per_channel(op, "running_var", running_var, input);
+    TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+
+    const typename RT::Guard guard(input.device());
+    const Canonical c = canonical(input);
+    Tensor output = empty_output(input, c);
+    if (input.numel() == 0) return output;
+    Tensor w, b;
+    const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
+    ElementwiseArgs a{};
+    a.dtype = dtype_of(input);
+    a.layout = c.layout;
+    a.mode = ElementwiseMode::kEval;
+    a.x = c.x.data_ptr();
+    a.out = output.data_ptr();
+    a.p[0] = rm.data_ptr();
+    a.p[1] = rv.data_ptr();
+    a.p[2] = ptr_or_null(weight, &w);
+    a.p[3] = ptr_or_null(bias, &b);
+    a.eps = eps;
+    a.stream = RT::stream();
+    RT::launch(op, {}, {output}, [&] { return elementwise(a); });
+    return output;
+  }
+
+  // Masked-out gradients are None, as the schema says (Tensor?), not undefined tensors.
+  static std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>> backward(const Tensor& grad_output, const Tensor& input,
+                                              const std::optional<Tensor>& weight,
+                                              const Tensor& mean, const Tensor& invstd,
+                                              const std::optional<Tensor>& r,
+                                              const std::optional<Tensor>& d, bool batch_stats,
+                                              std::array<bool, 3> output_mask) {
+    constexpr const char* op = "batchrenorm::backward";
+    check_input(op, input, RT::kDevice);
+    check_grad_output(op, grad_output, input);
+    check_per_channel(op, "weight", weight, input);
+    check_per_channel(op, "mean", mean, input);
+    check_per_channel(op, "invstd", invstd, input);
+    check_per_channel(op, "r", r, input);
+    check_per_channel(op, "d", d, input);
+
+    const typename RT::Guard guard(input.device());
+    const Canonical c = canonical(input);
+    Tensor grad_input, grad_weight, grad_bias;
+    if (output_mask[0]) grad_input = empty_output(input, c);
+    if (input.numel() == 0) {
+      // Sums over no values.
+      if (output_mask[1]) grad_weight = at::zeros({input.size(1)}, mean.options());
+      if (output_mask[2]) grad_bias = at::zeros({input.size(1)}, mean.options());
+      return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
+    }
+    if (output_mask[1]) grad_weight = per_channel_empty(input);
+    if (output_mask[2]) grad_bias = per_channel_empty(input);
+    const Tensor dy = grad_output.contiguous(c.format);
+    Tensor w, rk, dk;
+    const Tensor mk = mean.contiguous(), ik = invstd.contiguous();
+    const cudaStream_t stream = RT::stream();
+    const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && batch_stats);
+
+    if (!need_sums) {
+      if (!output_mask[0]) return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
+      // Constant statistics and only dx: dx = dy * weight * r * invstd, one elementwise pass.
+      ElementwiseArgs a{};
+      a.dtype = dtype_of(input);
+      a.layout = c.layout;
+      a.mode = ElementwiseMode::kScaleGrad;
+      a.dy = dy.data_ptr();
+      a.out = grad_input.data_ptr();
+      a.p[0] = ptr_or_null(weight, &w);
+      a.p[1] = ptr_or_null(r, &rk);
+      a.p[2] = ik.data_ptr();
+      a.stream = stream;
+      RT::launch(op, {}, {grad_input}, [&] { return elementwise(a); });
+      return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
+    }
+
+    BackwardArgs a{};
+    a.dtype = dtype_of(input);
+    a.layout = c.layout;
+    a.dy = dy.data_ptr();
+    a.x = c.x.data_ptr();
+    a.weight = ptr_or_null(weight, &w);
+    a.mean = mk.data_ptr();
+    a.invstd = ik.data_ptr();
+    a.r = ptr_or_null(r, &rk);
+    a.d = ptr_or_null(d, &dk);
+    a.batch_stats = batch_stats;
+    a.dx = output_mask[0] ? grad_input.data_ptr() : nullptr;
+    a.grad_weight = output_mask[1] ? grad_weight.data_ptr() : nullptr;
+    a.grad_bias = output_mask[2] ? grad_bias.data_ptr() : nullptr;
+    a.stream = stream;
+    size_t bytes = 0;
+    RT::check(op, batchrenorm::cuda::backward(a, nullptr, &bytes));
+    Tensor ws = workspace(input, bytes);
+    RT::launch(op, {}, {grad_input, grad_weight, grad_bias, ws},
+               [&] { return batchrenorm::cuda::backward(a, ws.data_ptr(), &bytes); });
+    return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
+  }
+
+  static std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
+    constexpr const char* op = "batchrenorm::batch_stats";
+    check_input(op, input, RT::kDevice);
+    const typename RT::Guard guard(input.device());
+    const Canonical c = canonical(input);
+    TORCH_CHECK(c.layout.N * c.layout.S > 0, op,
+                ": expected at least 1 value per channel, got input size ", input.sizes());
+    Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
+    if (c.layout.C == 0) return {mean, m2};
+    BatchStatsArgs a{};
+    a.dtype = dtype_of(input);
+    a.layout = c.layout;
+    a.x = c.x.data_ptr();
+    a.mean = mean.data_ptr();
+    a.m2 = m2.data_ptr();
+    a.stream = RT::stream();
+    size_t bytes = 0;
+    RT::check(op, batchrenorm::cuda::batch_stats(a, nullptr, &bytes));
+    Tensor ws = workspace(input, bytes);
+    RT::launch(op, {}, {mean, m2, ws},
+               [&] { return batchrenorm::cuda::batch_stats(a, ws.data_ptr(), &bytes); });
+    return {mean, m2};
+  }
+
+  static Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) {
+    constexpr const char* op = "batchrenorm::normalize";
+    check_input(op, input, RT::kDevice);
+    check_per_channel(op, "scale", scale, input);
+    check_per_channel(op, "shift", shift, input);
+    const typename RT::Guard guard(input.device());
+    const Canonical c = canonical(input);
+    Tensor output = empty_output(input, c);
+    if (input.numel() == 0) return output;
+    const Tensor sk = scale.contiguous(), hk = shift.contiguous();
+    ElementwiseArgs a{};
+    a.dtype = dtype_of(input);
+    a.layout = c.layout;
+    a.mode = ElementwiseMode::kNormalize;
+    a.x = c.x.data_ptr();
+    a.out = output.data_ptr();
+    a.p[0] = sk.data_ptr();
+    a.p[1] = hk.data_ptr();
+    a.stream = RT::stream();
+    RT::launch(op, {}, {output}, [&] { return elementwise(a); });
+    return output;
+  }
+
+  static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
+                                             const Tensor& mean, const Tensor& invstd) {
+    constexpr const char* op = "batchrenorm::backward_reduce";
+    check_input(op, input, RT::kDevice);
+    check_grad_output(op, grad_output, input);
+    check_per_channel(op, "mean", mean, input);
+    check_per_channel(op, "invstd", invstd, input);
+    const typename RT::Guard guard(input.device());
+    const Canonical c = canonical(input);
+    if (input.numel() == 0) {
+      return {at::zeros({input.size(1)}, mean.options()), at::zeros({input.size(1)}, mean.options())};
+    }
+    Tensor sum_dy = per_channel_empty(input), sum_dy_xhat = per_channel_empty(input);
+    const Tensor dy = grad_output.contiguous(c.format);
+    const Tensor mk = mean.contiguous(), ik = invstd.contiguous();
+    BackwardReduceArgs a{};
+    a.dtype = dtype_of(input);
+    a.layout = c.layout;
+    a.dy = dy.data_ptr();
+    a.x = c.x.data_ptr();
+    a.mean = mk.data_ptr();
+    a.invstd = ik.data_ptr();
+    a.sum_dy = sum_dy.data_ptr();
+    a.sum_dy_xhat = sum_dy_xhat.data_ptr();
+    a.stream = RT::stream();
+    size_t bytes = 0;
+    RT::check(op, batchrenorm::cuda::backward_reduce(a, nullptr, &bytes));
+    Tensor ws = workspace(input, bytes);
+    RT::launch(op, {}, {sum_dy, sum_dy_xhat, ws},
+               [&] { return batchrenorm::cuda::backward_reduce(a, ws.data_ptr(), &bytes); });
+    return {sum_dy, sum_dy_xhat};
+  }
+
+  static Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+                        const Tensor& invstd, const Tensor& scale, const Tensor& mean_dy,
+                        const Tensor& mean_dy_xhat) {
+    constexpr const char* op = "batchrenorm::backward_input";
+    check_input(op, input, RT::kDevice);
+    check_grad_output(op, grad_output, input);
+    check_per_channel(op, "mean", mean, input);
+    check_per_channel(op, "invstd", invstd, input);
+    check_per_channel(op, "scale", scale, input);
+    check_per_channel(op, "mean_dy", mean_dy, input);
+    check_per_channel(op, "mean_dy_xhat", mean_dy_xhat, input);
+    const typename RT::Guard guard(input.device());
+    const Canonical c = canonical(input);
+    Tensor grad_input = empty_output(input, c);
+    if (input.numel() == 0) return grad_input;
+    const Tensor dy = grad_output.contiguous(c.format);
+    const Tensor p0 = mean.contiguous(), p1 = invstd.contiguous(), p2 = scale.contiguous();
+    const Tensor p3 = mean_dy.contiguous(), p4 = mean_dy_xhat.contiguous();
+    ElementwiseArgs a{};
+    a.dtype = dtype_of(input);
+    a.layout = c.layout;
+    a.mode = ElementwiseMode::kBackwardInput;
+    a.x = c.x.data_ptr();
+    a.dy = dy.data_ptr();
+    a.out = grad_input.data_ptr();
+    a.p[0] = p0.data_ptr();
+    a.p[1] = p1.data_ptr();
+    a.p[2] = p2.data_ptr();
+    a.p[3] = p3.data_ptr();
+    a.p[4] = p4.data_ptr();
+    a.stream = RT::stream();
+    RT::launch(op, {}, {grad_input}, [&] { return elementwise(a); });
+    return grad_input;
+  }
+};
+
+template <class RT>
+void register_kernels(torch::Library& m) {
+  m.impl("forward_train", &Glue<RT>::forward_train);
+  m.impl("forward_eval", &Glue<RT>::forward_eval);
+  m.impl("backward", &Glue<RT>::backward);
+  m.impl("batch_stats", &Glue<RT>::batch_stats);
+  m.impl("normalize", &Glue<RT>::normalize);
+  m.impl("backward_reduce", &Glue<RT>::backward_reduce);
+  m.impl("backward_input", &Glue<RT>::backward_input);
+}
+
+}  // namespace cuda
+}  // namespace batchrenorm

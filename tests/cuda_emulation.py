@@ -1,0 +1,132 @@
+"""Builds and loads the CUDA emulation (csrc/cuda/emulation): the CUDA kernels of
+csrc/cuda/batchrenorm_kernels.cu compiled by g++ against the emulator, behind the CUDA glue, as
+the op namespace torch.ops.batchrenorm_emulated_cuda on CPU tensors.
+
+    python tests/cuda_emulation.py [--asan]     build only (make test-cuda-emulation does it)
+
+Two libraries: libbatchrenorm_cuda_emulation.so (kernels + emulator, torch-free, Boost.Fiber) and
+the torch extension with the glue that links it. `--asan` also builds an AddressSanitizer + UBSan
+variant of the first, which a process with libasan preloaded picks up through LD_LIBRARY_PATH
+(tests/test_cuda_asan.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+EMU = os.path.join(CSRC, "cuda", "emulation")
+KERNELS = os.path.join(CSRC, "cuda", "batchrenorm_kernels.cu")
+NAMESPACE = "batchrenorm_emulated_cuda"
+
+
+def cuda_include() -> str:
+    """The toolkit's headers (cuda_runtime_api.h, cuda_fp16.h, cuda_bf16.h): types and NVIDIA's
+    half/bfloat16 rounding. Found from CUDA_HOME or nvcc on PATH."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [home] if home else []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        with open(nvcc, "rb") as f:  # a wrapper script (exec /path/bin/nvcc "$@")
+            head = f.read(512).decode("latin-1")
+        for word in head.split():
+            if word.endswith("/bin/nvcc"):
+                candidates.append(os.path.dirname(os.path.dirname(word.strip('"'))))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "include", "cuda_fp16.h")):
+            return os.path.join(c, "include")
+    raise RuntimeError("cuda emulation: no CUDA toolkit headers found (set CUDA_HOME); the "
+                       "emulated kernels need cuda_runtime_api.h, cuda_fp16.h, cuda_bf16.h")
+
+
+def asan_enabled() -> bool:
+    return os.environ.get("BRN_CUDA_EMULATION_ASAN", "0") == "1"
+
+
+def build_dir(asan: bool) -> str:
+    return os.path.join(ROOT, "build", "cuda_emulation_asan" if asan else "cuda_emulation")
+
+
+def _sources():
+    deps = [KERNELS, os.path.join(CSRC, "batchrenorm.h"),
+            os.path.join(CSRC, "cuda", "batchrenorm_cuda.h")]
+    for d, _, files in os.walk(EMU):
+        deps += [os.path.join(d, f) for f in files]
+    return deps
+
+
+def build_library(asan: bool) -> str:
+    """libbatchrenorm_cuda_emulation.so: the kernel source as C++ plus the emulator."""
+    out_dir = build_dir(asan)
+    os.makedirs(out_dir, exist_ok=True)
+    lib = os.path.join(out_dir, "libbatchrenorm_cuda_emulation.so")
+    if os.path.exists(lib) and os.path.getmtime(lib) >= max(map(os.path.getmtime, _sources())):
+        return lib
+    flags = ["-std=c++17", "-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror",
+             "-Wno-unknown-pragmas", "-I" + os.path.join(EMU, "include"), "-I" + CSRC,
+             "-I" + EMU, "-isystem", cuda_include(),
+             # As nvcc gets them from torch's BuildExtension: half types without implicit
+             # conversions, so the kernels' explicit ones are what runs.
+             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    if asan:
+        flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                  "-fno-sanitize-recover=undefined"]
+    objs = []
+    for src, lang in ((KERNELS, "c++"), (os.path.join(EMU, "emulator.cpp"), "c++")):
+        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+        subprocess.run(["g++", *flags, "-x", lang, "-c", src, "-o", obj], check=True)
+        objs.append(obj)
+    tmp = lib + ".tmp"
+    subprocess.run(["g++", "-shared", *(["-fsanitize=address,undefined"] if asan else []),
+                    *objs, "-o", tmp, "-lboost_fiber", "-lboost_context", "-ldl", "-pthread"],
+                   check=True)
+    os.replace(tmp, lib)
+    return lib
+
+
+def load(verbose: bool = False):
+    """Builds what is stale and loads the extension (registers torch.ops.batchrenorm_emulated_cuda).
+
+    With BRN_CUDA_EMULATION_ASAN=1 the process must have libasan preloaded and the ASan library
+    built (`--asan`) and first on LD_LIBRARY_PATH, which overrides the extension's RUNPATH."""
+    lib = build_library(False)
+    if asan_enabled():
+        asan_lib = os.path.join(build_dir(True), os.path.basename(lib))
+        if not os.path.isfile(asan_lib) or build_dir(True) not in os.environ.get(
+                "LD_LIBRARY_PATH", "").split(os.pathsep):
+            raise RuntimeError("cuda emulation: BRN_CUDA_EMULATION_ASAN=1 needs the ASan build "
+                               f"({asan_lib}, from `{__file__} --asan`) on LD_LIBRARY_PATH")
+    from torch.utils.cpp_extension import load as load_extension
+
+    out_dir = build_dir(False)
+    module = load_extension(
+        name="batchrenorm_emulated_cuda",
+        sources=[os.path.join(EMU, "batchrenorm_emulated.cpp")],
+        extra_include_paths=[CSRC, EMU, cuda_include()],
+        extra_cflags=["-O2", "-std=c++17"],
+        extra_ldflags=["-L" + out_dir, "-lbatchrenorm_cuda_emulation",
+                       "-Wl,--enable-new-dtags,-rpath," + out_dir],
+        build_directory=out_dir,
+        verbose=verbose,
+    )
+    import batchrenorm_cuda._ops as _ops
+
+    _ops.register_fakes(NAMESPACE)
+    return module
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--asan", action="store_true", help="the AddressSanitizer build")
+    args = parser.parse_args()
+    load(verbose=True)
+    if args.asan:
+        build_library(True)
+    print("cuda emulation built in", build_dir(args.asan), file=sys.stderr)

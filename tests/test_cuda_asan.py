@@ -1,0 +1,45 @@
+"""The emulated CUDA kernels under AddressSanitizer and UBSan: out-of-bounds global (tensor) and
+shared-memory accesses, and undefined behaviour, in the kernels and their host code.
+
+A subprocess runs a slice of tests/test_cuda.py's emulated cases with the ASan build of
+libbatchrenorm_cuda_emulation.so (BRN_CUDA_EMULATION_ASAN=1) and libasan preloaded (python is not
+instrumented itself); any report fails the run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# One case of each kind: every dtype and layout, ranks 2-5, odd sizes, the ops called directly,
+# many CTAs per channel.
+SLICE = ("training_steps_and_eval or momentum_none or not_affine or opcheck or building_blocks "
+         "or no_poison or ops_match_cpu or large_inputs")
+
+
+@pytest.mark.cuda_emulation
+def test_emulated_kernels_under_address_sanitizer(cuda_emulation, tmp_path):
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert os.path.isabs(libasan), f"libasan not found ({libasan!r})"
+    asan_dir = os.path.join(os.path.dirname(HERE), "build", "cuda_emulation_asan")
+    env = dict(os.environ, BRN_CUDA_EMULATION_ASAN="1", LD_PRELOAD=libasan,
+               LD_LIBRARY_PATH=os.pathsep.join(
+                   [asan_dir] + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(
+                       os.pathsep) if p]),
+               BRN_REQUIRE_CUDA_EMULATION="1",
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:exitcode=99",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=98")
+    # Built first, without libasan in the compilers' environment.
+    subprocess.run([sys.executable, os.path.join(HERE, "cuda_emulation.py"), "--asan"],
+                   check=True, capture_output=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         os.path.join(HERE, "test_cuda.py"), "-m", "cuda_emulation", "-k", SLICE,
+         "--hypothesis-seed=0"],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE), timeout=1800)
+    out = run.stdout + run.stderr
+    assert "ERROR: AddressSanitizer" not in out and "runtime error:" not in out, out[-6000:]
+    assert run.returncode == 0, out[-6000:]
+    assert " passed" in out, out[-3000:]
