@@ -79,7 +79,8 @@ def build_library(asan: bool) -> str:
         flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                   "-fno-sanitize-recover=undefined"]
     objs = []
-    for src, lang in ((KERNELS, "c++"), (os.path.join(EMU, "emulator.cpp"), "c++")):
+    for src, lang in ((KERNELS, "c++"), (os.path.join(EMU, "selftest_kernels.cu"), "c++"),
+                      (os.path.join(EMU, "emulator.cpp"), "c++")):
         obj = os.path.join(out_dir, os.path.basename(src) + ".o")
         subprocess.run(["g++", *flags, "-x", lang, "-c", src, "-o", obj], check=True)
         objs.append(obj)

@@ -100,7 +100,9 @@ def test_training_steps_and_eval_match_reference(shape, kind, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape,kind", BIG_CASES)
-def test_large_inputs_many_ctas_per_channel_and_channels_per_cta(shape, kind, dtype):
+def test_large_inputs_many_ctas_per_channel_and_channels_per_cta(shape, kind, dtype, backend):
+    if backend == "cuda_emulated" and dtype != torch.float32:
+        pytest.skip("emulated in float32 only, for time (float16 runs in every small case)")
     _compare_steps(shape, kind, dtype, steps=2)
 
 
@@ -179,11 +181,14 @@ def test_ill_conditioned_channel():
     x[:, 1] = torch.randn(8, 20, 20, dtype=torch.float64, device=DEV)
     x32 = x.float()
     g = torch.randn_like(x)
+    # One set of parameters for both runs (found by the emulator: fresh random ones per run
+    # made the two outputs incomparable).
+    w64, b64 = make_params(C, torch.float64, device=DEV)[:2]
     for fmt in (torch.contiguous_format, torch.channels_last):
         outs = []
         for xin, gin in ((x32, g.float()), (x32.double(), g)):
-            xin = xin.contiguous(memory_format=fmt).requires_grad_()
-            w, b, rm, rv = make_params(C, xin.dtype, device=DEV)
+            xin = xin.detach().clone(memory_format=fmt).requires_grad_()
+            w, b = w64.to(xin.dtype), b64.to(xin.dtype)
             y = brn.batch_renorm(xin, None, None, w, b, training=True,
                                  backend="fused" if xin.dtype == torch.float32 else "reference")
             y.backward(gin.contiguous(memory_format=fmt))
@@ -192,7 +197,8 @@ def test_ill_conditioned_channel():
         assert_close(y32, y64, atol=1e-3 * float(y64.abs().max()), rtol=1e-3)
         assert_close(dx32, dx64, atol=1e-3 * float(dx64.abs().max()), rtol=1e-3)
         stats = ops.batch_stats(x32.contiguous(memory_format=fmt))
-        assert_close(stats[0].double(), x32.double().mean((0, 2, 3)), atol=0, rtol=1e-7)
+        # atol: channel 1's mean is near 0, where a relative bound alone means nothing.
+        assert_close(stats[0].double(), x32.double().mean((0, 2, 3)), atol=1e-6, rtol=1e-7)
         m2 = ((x32.double() - x32.double().mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
         assert_close(stats[1].double(), m2, atol=0, rtol=1e-4)
 
@@ -207,7 +213,8 @@ def test_fp16_near_max_gives_finite_statistics(fmt):
     xd = x.double()
     mean, m2 = ops.batch_stats(x)
     assert torch.isfinite(mean).all() and torch.isfinite(m2).all()
-    assert_close(mean.double(), xd.mean((0, 2, 3)), atol=0, rtol=1e-5)
+    # atol: channel 3 spans +-6.5e4 with a mean near 0; 1e-8 of its range.
+    assert_close(mean.double(), xd.mean((0, 2, 3)), atol=1e-3, rtol=1e-5)
     ref_m2 = ((xd - xd.mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
     assert_close(m2.double(), ref_m2, atol=0, rtol=1e-3)
     w, b, rm, rv = make_params(8, torch.float16, device=DEV)
@@ -394,8 +401,9 @@ def test_repeated_runs_are_bit_identical(shape, fmt, dtype):
     x = (torch.randn(shape, device=DEV) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
     g = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
     runs = []
+    base = _State(shape[1], dtype)  # one state, cloned: make_params is random
     for _ in range(3):
-        state = _State(shape[1], dtype)
+        state = base.clone()
         y, grads = _step(state, x, g, "fused")
         runs.append((y, *grads, state.running_mean, state.running_var))
     for other in runs[1:]:
@@ -522,7 +530,7 @@ def test_over_2_31_elements(fmt, backend):
     (lambda x, w: ops.forward_eval(x, w[:3], None, w, w, 1e-5), r"weight must have shape \(C,\) = \(4,\)"),
     (lambda x, w: ops.forward_eval(x, w.double(), None, w, w, 1e-5), "weight must be Float"),
     (lambda x, w: ops.forward_eval(x, w.cpu(), None, w, w, 1e-5), "weight is on cpu"),
-    (lambda x, w: ops.forward_eval(x[0, 0], None, None, w, w, 1e-5), "rank >= 2"),
+    (lambda x, w: ops.forward_eval(x[0, 0, 0], None, None, w, w, 1e-5), "rank >= 2"),
     (lambda x, w: ops.forward_eval(x.int(), None, None, w, w, 1e-5), "input must be float32"),
     (lambda x, w: ops.forward_train(x, None, None, w.clone(), None, None, 0.1, 1e-5, 3.0, 5.0,
                                     0, 0, 0), "both be tensors or both be None"),
@@ -532,7 +540,7 @@ def test_over_2_31_elements(fmt, backend):
                                     3.0, 5.0, 0, 0, 0), "momentum=None"),
     (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), torch.tensor(0), 0.1,
                                     1e-5, 3.0, 5.0, 0, 0, 0), "num_batches_tracked must be"),
-    (lambda x, w: ops.backward(x[:2], x, None, w, w, None, None, True, [True, True, True]),
+    (lambda x, w: ops.backward(x[:1], x, None, w, w, None, None, True, [True, True, True]),
      "grad_output must have the input's shape"),
     (lambda x, w: ops.normalize(x, w, w[:2]), r"shift must have shape \(C,\)"),
 ])

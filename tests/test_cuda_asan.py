@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # One case of each kind: every dtype and layout, ranks 2-5, odd sizes, the ops called directly,
 # many CTAs per channel.
 SLICE = ("training_steps_and_eval or momentum_none or not_affine or opcheck or building_blocks "
-         "or no_poison or ops_match_cpu or large_inputs")
+         "or no_poison or ops_match_cpu or other_sizes or each_check")
 
 
 @pytest.mark.cuda_emulation
@@ -36,7 +36,8 @@ def test_emulated_kernels_under_address_sanitizer(cuda_emulation, tmp_path):
                    check=True, capture_output=True)
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         os.path.join(HERE, "test_cuda.py"), "-m", "cuda_emulation", "-k", SLICE,
+         os.path.join(HERE, "test_cuda.py"), os.path.join(HERE, "test_cuda_emulator.py"),
+         "-m", "cuda_emulation", "-k", SLICE,
          "--hypothesis-seed=0"],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE), timeout=1800)
     out = run.stdout + run.stderr

@@ -121,4 +121,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     py::arg("shuffles") = c.shuffles);
   });
   m.def("last_fault", &cuda_emulation::last_fault);
+  m.def(
+      "run_selftest",
+      [](const std::string& name, at::Tensor out) {
+        TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "float32 out");
+        return cuda_emulation::run_selftest(name, out.data_ptr<float>(),
+                                            static_cast<int>(out.numel()));
+      },
+      "Runs a deliberately broken kernel into out; returns the emulator's fault, or \"\".");
+  m.def("set_schedule", &cuda_emulation::set_schedule);
 }

@@ -43,4 +43,7 @@ struct Counters {
 };
 Counters counters();
 
+// The deliberately broken kernels of selftest_kernels.cu, for the tests of the checks.
+std::string run_selftest(const std::string& name, float* out, int n);
+
 }  // namespace cuda_emulation

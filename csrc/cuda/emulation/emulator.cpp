@@ -512,7 +512,7 @@ void run_cta(Launch& L, int slot) {
   }
   tls_cta = &c;
   tls_fiber = nullptr;
-  boost::fibers::use_scheduling_algorithm<Scheduler>(c.rng());
+  boost::fibers::use_scheduling_algorithm<Scheduler>(L.seed == 0 ? 0 : (c.rng() | 1));
   {
     std::unique_lock<std::mutex> lk(L.m);
     L.cv.wait(lk, [&] { return L.aborted || L.holder == slot; });
