@@ -102,7 +102,11 @@ def batch_renorm(
     mean = x.mean(dims)
     var = x.var(dims, correction=0)
     sigma_b = torch.sqrt(var + eps)
-    y = (x - mean.view(shape)) / sigma_b.view(shape)
+    # mean(x - mean) is the rounding residue of `mean` (1e-4 near 3000 in float32): a large part
+    # of sigma_B when |mean| >> std. It is 0 in exact arithmetic, so it carries no gradient.
+    centred = x - mean.view(shape)
+    residue = centred.detach().mean(dims)
+    y = (centred - residue.view(shape)) / sigma_b.view(shape)
 
     if running_mean is not None:
         with torch.no_grad():
@@ -112,7 +116,7 @@ def batch_renorm(
                 rmax, dmax = rmax.to(sdt), dmax.to(sdt)
             sigma = torch.sqrt(running_var + eps)
             r = torch.clamp(sigma_b.detach() / sigma, 1.0 / rmax, rmax)
-            d = torch.clamp((mean.detach() - running_mean) / sigma, -dmax, dmax)
+            d = torch.clamp(((mean.detach() - running_mean) + residue) / sigma, -dmax, dmax)
         y = y * r.view(shape) + d.view(shape)
         _update_running(mean.detach(), var.detach(), input.numel() // input.shape[1],
                         running_mean, running_var, num_batches_tracked, momentum)

@@ -1,6 +1,7 @@
-"""Cases shared by the fused-kernel tests of every device (test_fused_ops.py on the CPU,
-test_cuda.py on the GPU): random inputs in each layout, a few training steps with the
-schedule active compared with the reference, then eval."""
+"""Cases shared by the fused-kernel tests of every backend (test_fused_kernels.py: the CPU
+kernels, the CUDA kernels on a GPU and under the CUDA emulator; test_fused_ops.py): random
+inputs in each layout, a few training steps with the schedule active compared with the
+reference, then eval."""
 import torch
 from torch.testing import assert_close
 

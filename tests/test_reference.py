@@ -170,3 +170,18 @@ def test_schedule_values():
     zero = reference.clip_bounds(torch.tensor([0, 1]), 3.0, 5.0, 0, 0, 0)
     assert zero[0].tolist() == [3.0, 3.0] and zero[1].tolist() == [5.0, 5.0]
     assert reference.clip_bounds(None, 3.0, 5.0, 5, 10, 20) == (3.0, 5.0)
+
+
+def test_d_of_a_large_mean_channel_is_accurate_in_float32():
+    # Mean 3000, std 0.05, running_mean within 0.04 of the batch mean: d must not inherit the
+    # float32 mean's rounding (~1e-4, 0.5% of d here).
+    torch.manual_seed(11)
+    x = (torch.randn(8, 4, 10, 10, dtype=torch.float64) * 0.05 + 3000.0).float()
+    xd = x.double()
+    run_mean = (xd.mean((0, 2, 3)) + torch.linspace(-0.04, 0.04, 4, dtype=torch.float64)).float()
+    run_var = torch.full((4,), 0.05**2)
+    y32 = reference.batch_renorm(x, run_mean.clone(), run_var.clone(), None, None, True, 0.1,
+                                 1e-5, 3.0, 5.0)
+    y64 = reference.batch_renorm(xd, run_mean.double(), run_var.double(), None, None, True, 0.1,
+                                 1e-5, 3.0, 5.0)
+    assert_close(y32.double(), y64, atol=5e-5 * float(y64.abs().max()), rtol=0)

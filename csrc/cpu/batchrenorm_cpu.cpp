@@ -243,10 +243,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
       const double mean = mom[c].mean;
       const double var = mom[c].m2 / static_cast<double>(count);
       const acc_t mean_a = static_cast<acc_t>(mean), var_a = static_cast<acc_t>(var);
-      const ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
+      ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
           mean_a, var_a, static_cast<acc_t>(eps), has_running, has_running ? prm[c] : acc_t(0),
           has_running ? prv[c] : acc_t(1), rmax, dmax, static_cast<acc_t>(w[c]),
           static_cast<acc_t>(b[c]));
+      if (has_running) {
+        // d from the float64 mean: mean_a's rounding (1e-4 near 3000 in float) is a large part
+        // of sigma when |mean| >> std, and d divides by sigma.
+        const acc_t sigma = std::sqrt(prv[c] + static_cast<acc_t>(eps));
+        k.d = clamp_to<acc_t>(static_cast<acc_t>(mean - static_cast<double>(prm[c])) / sigma,
+                              -dmax, dmax);
+      }
       // y = x * scale + shift, evaluated centred on mean_a (see the header comment): the shift
       // that goes with (x - mean_a) is shift + scale * mean_a
       //   = bias + weight * (d - r * invstd * (mean - mean_a)),

@@ -49,14 +49,14 @@ fi
   2>&1 | tee -a "$LOG/summary.txt" || { step "EXTENSION NOT USABLE"; exit 1; }
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  step "pytest tests/test_cuda.py"
+  step "pytest tests/test_fused_kernels.py"
   slow=()
   [ "${SKIP_SLOW:-0}" = 1 ] && slow=(-m "not slow")
-  "$PY" -m pytest -q -rfE --durations=15 tests/test_cuda.py "${slow[@]}" >"$LOG/pytest_cuda.log" 2>&1 || status=1
+  "$PY" -m pytest -q -rfE --durations=15 tests/test_fused_kernels.py "${slow[@]}" >"$LOG/pytest_cuda.log" 2>&1 || status=1
   tail -25 "$LOG/pytest_cuda.log" | tee -a "$LOG/summary.txt"
 
   step "pytest (rest of the suite)"
-  "$PY" -m pytest -q -rfE tests --ignore=tests/test_cuda.py >"$LOG/pytest_rest.log" 2>&1 || status=1
+  "$PY" -m pytest -q -rfE tests --ignore=tests/test_fused_kernels.py >"$LOG/pytest_rest.log" 2>&1 || status=1
   tail -15 "$LOG/pytest_rest.log" | tee -a "$LOG/summary.txt"
 fi
 

@@ -1,11 +1,13 @@
-"""The CUDA kernels against the reference, and the ops called directly, on two backends with one
-test body each:
+"""The fused kernels against the reference, and the ops called directly, with one test body for
+every backend:
+  cpu            the CPU kernels (csrc/cpu);
   cuda           the CUDA build on a GPU (skipped without one);
-  cuda_emulated  the same kernel source and glue logic compiled by g++ and executed on the CPU
-                 by the CUDA emulator (tests/cuda_emulation.py, csrc/cuda/emulation): every
+  cuda_emulated  the same CUDA kernel source and glue logic compiled by g++ and executed on the
+                 CPU by the CUDA emulator (tests/cuda_emulation.py, csrc/cuda/emulation): every
                  launch is run under the in-order schedule and 3 random ones, which must agree
                  bit for bit, with outputs, workspace and shared memory poisoned first.
-Cases only a GPU can run (CUDA graphs, > 2^31 elements on device memory) skip on the emulator.
+Cases only a GPU can run (CUDA graphs, > 2^31 elements on device memory) skip elsewhere;
+tests/test_fused_ops.py keeps what only the CPU kernels have (threads).
 """
 import math
 
@@ -29,15 +31,16 @@ DEV = "cuda"
 ops = torch.ops.batchrenorm
 
 
-@pytest.fixture(autouse=True, params=["cuda", pytest.param("cuda_emulated",
-                                                           marks=pytest.mark.cuda_emulation)])
+@pytest.fixture(autouse=True, params=["cpu", "cuda", pytest.param(
+    "cuda_emulated", marks=pytest.mark.cuda_emulation)])
 def backend(request):
     global DEV, ops
-    if request.param == "cuda":
-        if not brn.extension_available("cuda"):
-            pytest.skip("needs a CUDA GPU and the CUDA build of the extension")
-        DEV, ops = "cuda", torch.ops.batchrenorm
-        yield "cuda"
+    if request.param in ("cpu", "cuda"):
+        if not brn.extension_available(request.param):
+            pytest.skip(f"needs the {request.param} build of the extension"
+                        + (" and a GPU" if request.param == "cuda" else ""))
+        DEV, ops = request.param, torch.ops.batchrenorm
+        yield request.param
         return
     emulation = request.getfixturevalue("cuda_emulation")
     emulation.set_device(16, 2)
@@ -64,7 +67,7 @@ def _compare_steps(shape, kind, dtype, **kwargs):
     return fused_cases.compare_steps(shape, kind, dtype, DEV, **kwargs)
 
 
-# The shared cases, plus shapes that pick each CUDA path: NCHW with S a multiple of every
+# The shared cases (fused_cases.py), plus shapes that pick each CUDA path: NCHW with S a multiple of every
 # vector width (64), of the float one only (196 = 14x14), of none (49 = 7x7); NHWC with C a
 # multiple of 8, of 4 only (12), odd (5, 19); rank 2 (read as NHWC rows); small C with large
 # N*S (many CTAs per channel) and large C (several channels per CTA).
@@ -288,8 +291,10 @@ def test_opcheck(name, dtype, fmt):
 @pytest.mark.parametrize("shape,fmt", [((3, 5, 4, 6), torch.contiguous_format),
                                        ((3, 8, 7, 7), torch.channels_last),
                                        ((40, 6), torch.contiguous_format)])
-def test_ops_match_cpu_kernels(dtype, shape, fmt):
+def test_ops_match_cpu_kernels(dtype, shape, fmt, backend):
     # Same op, same inputs, on both devices (the CPU kernels are tested against the reference).
+    if backend == "cpu":
+        pytest.skip("the CPU kernels are what the other backends are compared with here")
     if not brn.extension_available("cpu"):
         pytest.skip("needs the compiled CPU kernels")
     samples = _op_samples(dtype, fmt, shape)
@@ -543,6 +548,11 @@ def test_over_2_31_elements(fmt, backend):
     (lambda x, w: ops.backward(x[:1], x, None, w, w, None, None, True, [True, True, True]),
      "grad_output must have the input's shape"),
     (lambda x, w: ops.normalize(x, w, w[:2]), r"shift must have shape \(C,\)"),
+    (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), None, float("nan"), 1e-5,
+                                    3.0, 5.0, 0, 0, 0), r"momentum must be in \[0, 1\]"),
+    (lambda x, w: ops.forward_train(x, None, None, None, None,
+                                    torch.tensor(1.0, device=x.device), 0.1, 1e-5, 3.0, 5.0,
+                                    0, 0, 0), "num_batches_tracked must be an int64 scalar"),
 ])
 def test_op_argument_checks(call, match, backend):
     if backend != "cuda" and match in ("weight is on cpu", "num_batches_tracked must be"):
