@@ -152,8 +152,7 @@ class FusedEval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
-        output = OPS.forward_eval(input, weight, bias, running_mean,
-                                                    running_var, eps)
+        output = OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
         ctx.save_for_backward(input, weight, running_mean, running_var)
         ctx.has_bias = bias is not None
         ctx.eps = eps

@@ -627,21 +627,25 @@ uint64_t shuffle(unsigned mask, uint64_t bits, ShuffleMode mode, int arg, int wi
   Warp& w = *c.warps[me.linear / 32];
   if (!(mask >> lane & 1u)) {
     trap(c, where(c, &me) + str(site) + ": the mask does not name the calling lane " +
-                std::to_string(lane)); return bits;
+                std::to_string(lane));
+    return bits;
   }
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
     trap(c, where(c, &me) + str(site) + ": width must be a power of 2 <= 32, got " +
-                std::to_string(width)); return bits;
+                std::to_string(width));
+    return bits;
   }
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     if (l >= w.members) {
       trap(c, where(c, &me) + str(site) + ": the mask names lane " + std::to_string(l) +
-                  ", which the CTA does not have"); return bits;
+                  ", which the CTA does not have");
+      return bits;
     }
     if (c.fibers[(me.linear / 32) * 32 + l].exited) {
       trap(c, where(c, &me) + str(site) + ": the mask names lane " + std::to_string(l) +
-                  ", which has exited and cannot take part"); return bits;
+                  ", which has exited and cannot take part");
+      return bits;
     }
   }
   if (w.arrived == 0) {
@@ -651,7 +655,8 @@ uint64_t shuffle(unsigned mask, uint64_t bits, ShuffleMode mode, int arg, int wi
     std::ostringstream o;
     o << std::hex << "lanes of a warp disagree: this lane is at " << str(site) << " with mask 0x"
       << mask << ", others at " << str(w.site) << " with mask 0x" << w.mask;
-    trap(c, where(c, &me) + o.str() + describe(c)); return bits;
+    trap(c, where(c, &me) + o.str() + describe(c));
+    return bits;
   }
   const int buf = static_cast<int>(w.gen & 1u);
   w.vals[buf][lane] = bits;
@@ -690,7 +695,8 @@ uint64_t shuffle(unsigned mask, uint64_t bits, ShuffleMode mode, int arg, int wi
   }
   if (!(mask >> src & 1u)) {
     trap(c, where(c, &me) + str(site) + ": lane " + std::to_string(lane) + " reads lane " +
-                std::to_string(src) + ", which the mask does not name (undefined value)"); return bits;
+                std::to_string(src) + ", which the mask does not name (undefined value)");
+    return bits;
   }
   return w.vals[buf][src];
 }
