@@ -71,6 +71,8 @@ def _extension():
 setup(
     name="batchrenorm_cuda",
     packages=find_packages(include=["batchrenorm_cuda", "batchrenorm_cuda.*"]),
+    # PEP 561: the package's annotations are for type checkers too.
+    package_data={"batchrenorm_cuda": ["py.typed"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -1,4 +1,5 @@
-"""The compiled ops: loading `_C`, their fake kernels, and the autograd Functions over them.
+"""The compiled ops: loading `_C` and their fake kernels (the autograd Functions over them:
+_autograd.py).
 
 Importing `_C` runs its TORCH_LIBRARY registrations (csrc/batchrenorm.cpp). When it is missing
 or fails to load, the package works on the pure-PyTorch reference and says so once, here.
@@ -106,64 +107,7 @@ def register_fakes(namespace: str) -> None:
 if _C is not None:
     register_fakes("batchrenorm")
 
-# The op namespace the fused autograd Functions call. Tests point it at another namespace with
-# the same schemas (batchrenorm_cuda.testing.fused_ops_namespace: the CUDA emulation).
+# The op namespace the fused autograd Functions (_autograd.py) call. Tests point it at another
+# namespace with the same schemas (batchrenorm_cuda.testing.fused_ops_namespace: the CUDA emulation).
 OPS = torch.ops.batchrenorm
 
-
-def _output_mask(ctx, has_weight: bool, has_bias: bool):
-    return [ctx.needs_input_grad[0], has_weight and ctx.needs_input_grad[1],
-            has_bias and ctx.needs_input_grad[2]]
-
-
-class FusedTrain(torch.autograd.Function):
-    """A training step through batchrenorm::forward_train; backward through batchrenorm::backward.
-
-    r and d are constants for autograd, so backward is BatchNorm's with weight * r as the scale.
-    """
-
-    @staticmethod
-    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                num_batches_tracked: Optional[Tensor], config: tuple) -> Tensor:
-        # config = (momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
-        # d_max_ramp_steps): one argument rather than seven, because apply() walks every
-        # argument on each call and this is the per-layer eager overhead.
-        output, mean, invstd, r, d = OPS.forward_train(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, *config)
-        ctx.save_for_backward(input, weight, mean, invstd, r, d)
-        ctx.has_bias = bias is not None
-        return output
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):
-        input, weight, mean, invstd, r, d = ctx.saved_tensors
-        mask = _output_mask(ctx, weight is not None, ctx.has_bias)
-        grad_input, grad_weight, grad_bias = OPS.backward(
-            grad_output, input, weight, mean, invstd, r, d, True, mask)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
-
-
-class FusedEval(torch.autograd.Function):
-    """Inference with the running statistics (nn.BatchNorm's eval), differentiable in x, weight
-    and bias for fine-tuning with frozen statistics."""
-
-    @staticmethod
-    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
-        output = OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
-        ctx.save_for_backward(input, weight, running_mean, running_var)
-        ctx.has_bias = bias is not None
-        ctx.eps = eps
-        return output
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):
-        input, weight, running_mean, running_var = ctx.saved_tensors
-        mask = _output_mask(ctx, weight is not None, ctx.has_bias)
-        invstd = torch.rsqrt(running_var + ctx.eps)
-        grad_input, grad_weight, grad_bias = OPS.backward(
-            grad_output, input, weight, running_mean, invstd, None, None, False, mask)
-        return grad_input, grad_weight, grad_bias, None, None, None

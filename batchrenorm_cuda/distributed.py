@@ -301,6 +301,7 @@ class SyncBatchRenorm(_BatchRenorm):
     training still synchronises the batch statistics (r = 1, d = 0: nn.SyncBatchNorm).
 
     process_group: the group to synchronise over; None means the default (world) group.
+    The other arguments are BatchRenorm2d's (help(batchrenorm_cuda.BatchRenorm2d)).
     Every rank of the group must call forward and backward of this layer the same number of
     times, in the same order, in the same mode (train/eval), as with nn.SyncBatchNorm.
     """

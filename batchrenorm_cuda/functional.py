@@ -7,10 +7,13 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._ops import FusedEval, FusedTrain, extension_available
+from ._autograd import FusedEval, FusedTrain
+from ._ops import extension_available
 
 _INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "fused", "reference")
+# torch.compiler.is_exporting arrived in torch 2.5 (we support 2.4).
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def batch_renorm(
@@ -161,6 +164,11 @@ def _batch_renorm(
     check_arguments(caller, input, running_mean, running_var, weight, bias, training, momentum,
                     eps, r_max, d_max, num_batches_tracked)
     fused = use_fused(input, backend, caller)
+    if not training and _is_exporting():
+        # Eval is exactly BatchNorm's eval: exported as aten batch_norm, a program runs (ONNX,
+        # AOTInductor, ExecuTorch) without this package.
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                              False, 0.0, eps)
     if input.numel() == 0:
         if training and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
@@ -170,7 +178,7 @@ def _batch_renorm(
             config = (momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
                       d_max_ramp_steps)
             return FusedTrain.apply(input, weight, bias, running_mean, running_var,
-                                    num_batches_tracked, config)
+                                    num_batches_tracked, config)[0]
         return FusedEval.apply(input, weight, bias, running_mean, running_var, eps)
     return reference.batch_renorm(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, r_max, d_max, num_batches_tracked,

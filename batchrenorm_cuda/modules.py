@@ -13,7 +13,101 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import reference
-from .functional import _batch_renorm, check_hyperparameters
+from .functional import _BACKENDS, _batch_renorm, check_hyperparameters
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+_ARGS_DOC = """
+    Args:
+        num_features: C, the number of channels (dim 1 of the input).
+        eps: added to the variances before the square root, as in nn.BatchNorm. Default 1e-5.
+        momentum: the running averages' update factor, running = (1 - momentum) * running +
+            momentum * batch; None is a cumulative average (as in nn.BatchNorm). Default 0.01,
+            not BatchNorm's 0.1: r and d correct each batch towards the running statistics, so
+            those must be a smooth estimate of the population's, not of the last few batches
+            (the paper uses 0.01 with batches of 32). Raise it for short runs or when the
+            statistics move fast, as they do in reinforcement-learning critics.
+        affine: learnable per-channel weight (init 1) and bias (init 0). Default True.
+        track_running_stats: keep running_mean, running_var and num_batches_tracked. False
+            normalises with the batch's own statistics in eval too and makes training plain
+            BatchNorm (r = 1, d = 0), as nn.BatchNorm does. Default True.
+        r_max: final bound of r = clip(sigma_B / sigma, 1/r_max, r_max), >= 1. Default 3.
+        d_max: final bound of d = clip((mu_B - running_mean) / sigma, -d_max, d_max), >= 0.
+            Default 5.
+        warmup_steps: training steps of plain BatchNorm (r_max = 1, d_max = 0) before the
+            bounds relax. Default 5000, the paper's: at the start the running statistics are
+            their initial 0 and 1 and say nothing yet, so correcting towards them would hurt.
+            nn.BatchNorm has no such phase; set warmup_steps, r_max_ramp_steps and
+            d_max_ramp_steps to 0 for the final bounds from the first step, or ramps of 0 for
+            a hard switch after the warm-up (CrossQ's use).
+        r_max_ramp_steps: steps after the warm-up over which r_max rises linearly from 1 to
+            r_max. Default 35000 (r_max reached at step 40k, as in the paper).
+        d_max_ramp_steps: the same for d_max, from 0. Default 20000 (reached at 25k).
+        device, dtype: of the parameters and buffers, as in nn.BatchNorm. float16 and bfloat16
+            parameters and buffers (model.half()) are accepted: each call computes with float32
+            copies and stores the buffers back.
+        bias: learn a bias when affine (keyword-only, as nn.BatchNorm's). Default True.
+        backend: "auto" (the fused kernels of the input's device when built, else the
+            pure-PyTorch reference), "fused" (require the kernels) or "reference"
+            (keyword-only). Default "auto".
+
+    The buffers have nn.BatchNorm's names and meaning, so state_dicts move between the two;
+    num_batches_tracked also drives the r_max / d_max schedule, so a checkpoint restores it.
+    Eval is exactly nn.BatchNorm's eval, and torch.export decomposes it to aten batch_norm.
+    torch.jit.script is not supported (it raises and says what to use instead).
+"""
+
+
+@torch.fx.wrap
+def _module_forward(module: "_BatchRenorm", input: Tensor) -> Tensor:
+    """The body of _BatchRenorm.forward. A wrapped function so that torch.fx.symbolic_trace
+    records one call taking the module (the checks branch on the input's shape, which a tracer
+    cannot follow), and the traced graph still reads the module's training flag when it runs."""
+    caller = type(module).__name__
+    weight, bias = module.weight, module.bias
+    running_mean, running_var = module.running_mean, module.running_var
+    momentum, eps, r_max, d_max = module.momentum, module.eps, module.r_max, module.d_max
+    backend = module.backend
+    _check_module_input(caller, module._expected_ranks, module._shape_name, module.num_features,
+                        input)
+    low = ((weight is not None and weight.dtype in _LOW_PRECISION)
+           or (running_mean is not None and running_mean.dtype in _LOW_PRECISION))
+    if low:
+        # Low-precision parameters and buffers (model.half()): compute with float32 copies,
+        # as ATen and cuDNN do, and store the buffers back. The casts are differentiable, so
+        # the half parameters get their gradients.
+        stored = (running_mean, running_var)
+        weight, bias, running_mean, running_var = (
+            None if t is None else t.float() for t in (weight, bias, running_mean, running_var))
+    if module.training and module.track_running_stats:
+        output = _batch_renorm(
+            input, running_mean, running_var, weight, bias, True, momentum, eps, r_max, d_max,
+            num_batches_tracked=module.num_batches_tracked, warmup_steps=module.warmup_steps,
+            r_max_ramp_steps=module.r_max_ramp_steps, d_max_ramp_steps=module.d_max_ramp_steps,
+            backend=backend, caller=caller)
+        if low and stored[0] is not None:
+            with torch.no_grad():
+                stored[0].copy_(running_mean)
+                stored[1].copy_(running_var)
+        return output
+    # As nn.BatchNorm: without running statistics, normalise with the batch's own in eval too;
+    # with them, eval is plain inference.
+    use_batch_stats = running_mean is None
+    return _batch_renorm(input, running_mean, running_var, weight, bias, use_batch_stats,
+                         momentum, eps, r_max, d_max, backend=backend, caller=caller)
+
+
+def _check_module_input(caller: str, ranks, shape_name: str, num_features: int,
+                        input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{caller}: input must be a Tensor, got {type(input).__name__}")
+    if ranks and input.dim() not in ranks:  # SyncBatchRenorm (no ranks) checks rank >= 2
+        got = f"{input.dim()}D input of shape {tuple(input.shape)}"
+        raise ValueError(f"{caller}: expected {shape_name} input, got {got}")
+    if input.shape[1] != num_features:
+        raise ValueError(f"{caller}: input has {input.shape[1]} channels "
+                         f"(dim 1), expected num_features={num_features}")
 
 
 class _BatchRenorm(_NormBase):
@@ -34,27 +128,33 @@ class _BatchRenorm(_NormBase):
         d_max_ramp_steps: int = 20000,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
+        backend: str = "auto",
     ) -> None:
+        """See the class docstring for every argument."""
         name = type(self).__name__
         check_hyperparameters(name, momentum, eps, r_max, d_max)
         for arg, value in (("warmup_steps", warmup_steps), ("r_max_ramp_steps", r_max_ramp_steps),
                            ("d_max_ramp_steps", d_max_ramp_steps)):
             if int(value) != value or value < 0:
                 raise ValueError(f"{name}: {arg} must be a non-negative integer, got {value}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"{name}: backend must be one of {_BACKENDS}, got {backend!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if affine and not bias:
+            # Set here rather than passed on: _NormBase takes bias= only from torch 2.6 on.
+            self.register_parameter("bias", None)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = int(warmup_steps)
         self.r_max_ramp_steps = int(r_max_ramp_steps)
         self.d_max_ramp_steps = int(d_max_ramp_steps)
+        self.backend = backend
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._expected_ranks:
-            got = f"{input.dim()}D input of shape {tuple(input.shape)}"
-            raise ValueError(f"{type(self).__name__}: expected {self._shape_name} input, got {got}")
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}: input has {input.shape[1]} channels "
-                             f"(dim 1), expected num_features={self.num_features}")
+        _check_module_input(type(self).__name__, self._expected_ranks, self._shape_name,
+                            self.num_features, input)
 
     def clip_bounds(self) -> Tuple[float, float]:
         """(r_max, d_max) that the next training step will use, for logging.
@@ -70,45 +170,44 @@ class _BatchRenorm(_NormBase):
         return float(r_max), float(d_max)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        caller = type(self).__name__
-        if self.training and self.track_running_stats:
-            return _batch_renorm(
-                input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                self.momentum, self.eps, self.r_max, self.d_max,
-                num_batches_tracked=self.num_batches_tracked,
-                warmup_steps=self.warmup_steps, r_max_ramp_steps=self.r_max_ramp_steps,
-                d_max_ramp_steps=self.d_max_ramp_steps, caller=caller)
-        # As nn.BatchNorm: without running statistics, normalise with the batch's own in eval
-        # too; with them, eval is plain inference.
-        use_batch_stats = self.running_mean is None
-        return _batch_renorm(
-            input, None if use_batch_stats else self.running_mean,
-            None if use_batch_stats else self.running_var, self.weight, self.bias,
-            use_batch_stats, self.momentum, self.eps, self.r_max, self.d_max, caller=caller)
+        return _module_forward(self, input)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        name = type(self).__name__
+        raise RuntimeError(
+            f"{name} does not support torch.jit.script (TorchScript cannot compile its fused "
+            "ops' Python autograd). For speed use torch.compile; to export, use torch.export "
+            f"(eval decomposes to aten batch_norm) or batchrenorm_cuda.revert_batchnorm(model), "
+            f"which turns every {name} into an nn.BatchNorm with the same weights and buffers "
+            "(eval is identical).")
 
     def extra_repr(self) -> str:
+        backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
                 f"warmup_steps={self.warmup_steps}, r_max_ramp_steps={self.r_max_ramp_steps}, "
-                f"d_max_ramp_steps={self.d_max_ramp_steps}")
+                f"d_max_ramp_steps={self.d_max_ramp_steps}{backend}")
 
 
 class BatchRenorm1d(_BatchRenorm):
-    """Batch Renorm over (N, C) or (N, C, L) input; a drop-in for nn.BatchNorm1d."""
+    __doc__ = """Batch Renorm over (N, C) or (N, C, L) input; a drop-in for nn.BatchNorm1d.
+""" + _ARGS_DOC
 
     _expected_ranks = (2, 3)
     _shape_name = "2D or 3D (N, C) or (N, C, L)"
 
 
 class BatchRenorm2d(_BatchRenorm):
-    """Batch Renorm over (N, C, H, W) input; a drop-in for nn.BatchNorm2d."""
+    __doc__ = """Batch Renorm over (N, C, H, W) input; a drop-in for nn.BatchNorm2d.
+""" + _ARGS_DOC
 
     _expected_ranks = (4,)
     _shape_name = "4D (N, C, H, W)"
 
 
 class BatchRenorm3d(_BatchRenorm):
-    """Batch Renorm over (N, C, D, H, W) input; a drop-in for nn.BatchNorm3d."""
+    __doc__ = """Batch Renorm over (N, C, D, H, W) input; a drop-in for nn.BatchNorm3d.
+""" + _ARGS_DOC
 
     _expected_ranks = (5,)
     _shape_name = "5D (N, C, D, H, W)"
