@@ -1,4 +1,5 @@
-"""The accuracy experiment (benchmarks/accuracy.py): its microbatch wrapper, and a smoke run."""
+"""The accuracy experiment (benchmarks/accuracy.py, accuracy_tasks.py): its microbatch wrapper,
+batch samplers, data sets and models, and a smoke run."""
 import importlib.util
 import json
 import os
@@ -11,7 +12,6 @@ from torch import nn
 import batchrenorm_cuda as brn
 from batchrenorm_cuda.testing import TOLERANCES
 
-pytest.importorskip("mnist1d")
 pytest.importorskip("sklearn")
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "accuracy.py")
@@ -41,7 +41,7 @@ def test_microbatch_batchnorm_matches_a_loop_over_groups(accuracy, shape, group)
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-0.5, 0.5)
     layer.load_state_dict(ref.state_dict())
-    wrapped = accuracy.MicroBatch(layer, group)
+    wrapped = accuracy.tasks.MicroBatch(layer, group)
     x = torch.randn(shape) * 3 + 1
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     dy = torch.randn(shape)
@@ -70,7 +70,7 @@ def test_microbatch_batchrenorm_normalises_each_group_against_the_step_start_buf
         layer.running_var.uniform_(0.5, 2)
     start = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(32, c, 9) * 2 + 0.5
-    y = accuracy.MicroBatch(layer, group)(x)
+    y = accuracy.tasks.MicroBatch(layer, group)(x)
 
     expected, rm, rv = [], start["running_mean"].clone(), start["running_var"].clone()
     for chunk in x.split(group):
@@ -86,39 +86,76 @@ def test_microbatch_batchrenorm_normalises_each_group_against_the_step_start_buf
     assert int(layer.num_batches_tracked) == 1
 
 
-def test_noniid_batches_hold_two_classes(accuracy):
-    labels = torch.arange(10).repeat(40).numpy()
-    idx = accuracy.batch_indices("noniid", labels, 50, seed=0)
+@pytest.mark.parametrize("classes_per_batch", [16, 4, 2])
+def test_noniid_batches_hold_k_classes_of_equal_count(accuracy, classes_per_batch):
+    labels = torch.arange(100).repeat(20).numpy()
+    idx = accuracy.tasks.batch_indices(labels, 50, seed=0, classes_per_batch=classes_per_batch)
     assert idx.shape == (50, 32)
     for row in idx:
         classes, counts = torch.unique(torch.as_tensor(labels[row]), return_counts=True)
-        assert len(classes) == 2 and counts.tolist() == [16, 16]
-    iid = accuracy.batch_indices("iid", labels, 30, seed=0)
-    assert len(set(iid[:12].ravel().tolist())) == 12 * 32  # one epoch draws without replacement
+        assert len(classes) == classes_per_batch
+        assert counts.tolist() == [32 // classes_per_batch] * classes_per_batch
+    with pytest.raises(ValueError, match="classes_per_batch"):
+        accuracy.tasks.batch_indices(labels, 5, seed=0, classes_per_batch=5)
+
+
+def test_iid_batches_draw_each_epoch_without_replacement(accuracy):
+    labels = torch.arange(10).repeat(40).numpy()
+    iid = accuracy.tasks.batch_indices(labels, 30, seed=0)
+    assert len(set(iid[:12].ravel().tolist())) == 12 * 32
+
+
+@pytest.mark.parametrize("loader", ["make_signals", "make_tabular"])
+def test_the_tasks_have_100_classes_and_are_reproducible(accuracy, loader):
+    make = getattr(accuracy.tasks, loader)
+    x_tr, y_tr, x_te, y_te = make()
+    assert torch.unique(y_tr).numel() == 100 and torch.unique(y_te).numel() == 100
+    assert torch.bincount(y_tr).min() == torch.bincount(y_tr).max()  # balanced classes
+    assert x_tr.dtype == torch.float32 and torch.isfinite(x_tr).all()
+    # Standardised with the training set's statistics.
+    assert abs(float(x_tr.mean())) < 1e-3 and abs(float(x_tr.std()) - 1.0) < 0.05
+    again = make()
+    assert torch.equal(again[0], x_tr) and torch.equal(again[3], y_te)
+
+
+@pytest.mark.parametrize("dataset,setting", [("signals100", "micro2"),
+                                             ("tabular100", "classes4x8")])
+@pytest.mark.parametrize("layer", ["bn", "brn"])
+def test_models_are_deep_and_differ_only_in_the_norm_layer(accuracy, dataset, setting, layer):
+    torch.manual_seed(0)
+    model = accuracy.make_model(dataset, layer, setting, steps=100)
+    assert accuracy.tasks.count_norm_layers(model) >= 8
+    torch.manual_seed(0)
+    other = accuracy.make_model(dataset, "brn" if layer == "bn" else "bn", setting, steps=100)
+    a = {k: v for k, v in model.state_dict().items() if "running" not in k and "num_" not in k}
+    b = {k: v for k, v in other.state_dict().items() if "running" not in k and "num_" not in k}
+    assert a.keys() == b.keys()
+    for k in a:  # same initial weights: the seed, not the layer, decides them
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
 def test_smoke_run_writes_the_schema(accuracy, tmp_path):
-    out = accuracy.main(["--smoke", "--out-dir", str(tmp_path), "--jobs", "1", "--quiet",
-                         "--steps", "60", "--settings", "iid", "noniid", "micro2"])
+    out = accuracy.main(["--smoke", "--out-dir", str(tmp_path), "--jobs", "1", "--quiet"])
     with open(tmp_path / "accuracy.json") as f:
         table = json.load(f)
-    assert set(table) == {"mnist1d", "digits"}
+    assert set(table) == {"signals100", "tabular100"}
+    assert set(table["signals100"]) == {"iid", "micro4", "micro2"}
+    assert set(table["tabular100"]) == {"iid", "classes16x2", "classes4x8"}
     for dataset, rows in table.items():
-        assert set(rows) == {"iid", "noniid", "micro2"}
+        assert sum("iid" in s for s in rows) == 1  # exactly one i.i.d. control per data set
         for setting, cell in rows.items():
             assert set(cell) == {"bn", "brn"}
             for layer, accs in cell.items():
                 assert len(accs) == 1
                 assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in accs)
-    # Robust at this size: 60 SGD steps on the 8x8 digits are far above 10 % chance for both.
-    for layer in ("bn", "brn"):
-        assert table["digits"]["iid"][layer][0] > 0.5
     with open(tmp_path / "accuracy_curves.json") as f:
         curves = json.load(f)
     assert curves["meta"]["smoke"] is True
-    node = curves["curves"]["mnist1d"]["iid"]["brn"]
-    assert node["steps"][-1] == 60 and len(node["acc"][0]) == len(node["steps"])
+    for field in ("batch_stats_iid", "batch_stats_setting", "train_acc"):
+        assert set(curves[field]) == set(table)
+    node = curves["curves"]["signals100"]["micro2"]["brn"]
+    assert node["steps"][-1] == 20 and len(node["acc"][0]) == len(node["steps"])
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     md = (tmp_path / "accuracy.md").read_text()
-    assert "| setting | BatchNorm | Batch Renorm |" in md
+    assert "| setting | BatchNorm | Batch Renorm |" in md and "share of the loss" in md
     assert out["table"] == table
