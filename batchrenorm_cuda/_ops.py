@@ -1,5 +1,5 @@
-"""The compiled ops: loading `_C` and their fake kernels (the autograd Functions over them:
-_autograd.py).
+"""The compiled ops: loading `_C`, and their fake kernels. Their autograd is registered in C++
+(csrc/batchrenorm_autograd.h), their vmap rules in _autograd.py.
 
 Importing `_C` runs its TORCH_LIBRARY registrations (csrc/batchrenorm.cpp). When it is missing
 or fails to load, the package works on the pure-PyTorch reference and says so once, here.
@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autograd import register_vmaps
 from .reference import stat_dtype
 
 try:
@@ -106,8 +107,9 @@ def register_fakes(namespace: str) -> None:
 
 if _C is not None:
     register_fakes("batchrenorm")
+    register_vmaps("batchrenorm")
 
-# The op namespace the fused autograd Functions (_autograd.py) call. Tests point it at another
-# namespace with the same schemas (batchrenorm_cuda.testing.fused_ops_namespace: the CUDA emulation).
+# The op namespace batch_renorm's fused path calls. Tests point it at another namespace with the
+# same schemas (batchrenorm_cuda.testing.fused_ops_namespace: the CUDA emulation).
 OPS = torch.ops.batchrenorm
 

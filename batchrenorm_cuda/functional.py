@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._autograd import FusedEval, FusedTrain
+from . import _ops
 from ._ops import extension_available
 
 _INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -174,12 +174,12 @@ def _batch_renorm(
             num_batches_tracked.add_(1)
         return _empty_batch(input, weight, bias)
     if fused:
+        # One dispatcher call: the ops' autograd is registered in C++ (batchrenorm_autograd.h).
         if training:
-            config = (momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
-                      d_max_ramp_steps)
-            return FusedTrain.apply(input, weight, bias, running_mean, running_var,
-                                    num_batches_tracked, config)[0]
-        return FusedEval.apply(input, weight, bias, running_mean, running_var, eps)
+            return _ops.OPS.forward_train(input, weight, bias, running_mean, running_var,
+                                          num_batches_tracked, momentum, eps, r_max, d_max,
+                                          warmup_steps, r_max_ramp_steps, d_max_ramp_steps)[0]
+        return _ops.OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
     return reference.batch_renorm(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, r_max, d_max, num_batches_tracked,
                                   warmup_steps, r_max_ramp_steps, d_max_ramp_steps)

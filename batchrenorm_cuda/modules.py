@@ -176,9 +176,10 @@ class _BatchRenorm(_NormBase):
         # torch.jit.script calls this on every submodule before compiling it.
         name = type(self).__name__
         raise RuntimeError(
-            f"{name} does not support torch.jit.script (TorchScript cannot compile its fused "
-            "ops' Python autograd). For speed use torch.compile; to export, use torch.export "
-            f"(eval decomposes to aten batch_norm) or batchrenorm_cuda.revert_batchnorm(model), "
+            f"{name} does not support torch.jit.script (TorchScript cannot compile its Python "
+            "forward, which picks the backend and checks the input). For speed use "
+            "torch.compile; to export, use torch.export (eval decomposes to aten batch_norm) "
+            "or batchrenorm_cuda.revert_batchnorm(model), "
             f"which turns every {name} into an nn.BatchNorm with the same weights and buffers "
             "(eval is identical).")
 

@@ -4,11 +4,17 @@
 // Backends register their kernels in mirrored files:
 //   csrc/cpu/batchrenorm_cpu.cpp    TORCH_LIBRARY_IMPL(batchrenorm, CPU)
 //   csrc/cuda/batchrenorm_cuda.cpp  TORCH_LIBRARY_IMPL(batchrenorm, CUDA)
-// Autograd (an autograd.Function) and the fake kernels live in batchrenorm_cuda/_ops.py.
+// Autograd: batchrenorm_autograd.h (C++, the Autograd key). The fake kernels and the vmap
+// rules: batchrenorm_cuda/_ops.py and _autograd.py.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "batchrenorm_autograd.h"
 #include "batchrenorm_schemas.h"
+
+namespace {
+constexpr char kNamespace[] = "batchrenorm";
+}  // namespace
 
 extern "C" {
 // Importing batchrenorm_cuda._C runs the static TORCH_LIBRARY registrations below.
@@ -19,3 +25,6 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(batchrenorm, m) { batchrenorm::define_ops(m); }
+TORCH_LIBRARY_IMPL(batchrenorm, Autograd, m) {
+  batchrenorm::autograd::register_kernels<kNamespace>(m);
+}

@@ -8,6 +8,11 @@
 namespace batchrenorm {
 
 inline void define_ops(torch::Library& m) {
+  // Every op reads any layout (channels_last in place, other strides through a copy) and gives
+  // its outputs the layout memory_format_of(input) says, as the fakes do. flexible_layout lets
+  // Inductor pass what it has: without it, a channels_last convolution output (Inductor's
+  // choice on the CPU even in NCHW models) is copied to the eager strides first.
+  const std::vector<at::Tag> tags = {at::Tag::flexible_layout};
   // One fused training step: batch statistics, clip bounds from the step counter (read on the
   // device), r and d from the pre-update buffers, y = x * scale + shift, then the running
   // buffers and the counter are updated. Returns y and, in the statistics dtype (float32, or
@@ -21,11 +26,11 @@ inline void define_ops(torch::Library& m) {
       "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps, "
       "float r_max, float d_max, int warmup_steps, int r_max_ramp_steps, int d_max_ramp_steps) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor r, Tensor d)");
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor r, Tensor d)", tags);
   // Inference with the running statistics: exactly nn.BatchNorm's eval.
   m.def(
       "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
-      "Tensor running_var, float eps) -> Tensor");
+      "Tensor running_var, float eps) -> Tensor", tags);
   // Backward of both forwards. batch_stats: mean and invstd are the batch's own statistics
   // (training), so dx gets BatchNorm's centring terms; otherwise they are constants (eval).
   // r and d None mean 1 and 0. output_mask picks (grad_input, grad_weight, grad_bias); an
@@ -33,7 +38,7 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
       "Tensor? r, Tensor? d, bool batch_stats, bool[3] output_mask) "
-      "-> (Tensor?, Tensor?, Tensor?)");
+      "-> (Tensor?, Tensor?, Tensor?)", tags);
 
   // The building blocks of the fused ops, for SyncBatchRenorm, which merges statistics across
   // processes between them (as nn.SyncBatchNorm uses batch_norm_stats / _elemt / _reduce):
@@ -42,14 +47,14 @@ inline void define_ops(torch::Library& m) {
   //  backward_reduce: per-channel sum(dy) and sum(dy * xhat), xhat = (x - mean) * invstd.
   //  backward_input:  dx = scale[c] * (dy - mean_dy[c] - xhat * mean_dy_xhat[c]).
   // All per-channel tensors are in the statistics dtype; outputs keep the input's layout.
-  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor m2)");
-  m.def("normalize(Tensor input, Tensor scale, Tensor shift) -> Tensor");
+  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor m2)", tags);
+  m.def("normalize(Tensor input, Tensor scale, Tensor shift) -> Tensor", tags);
   m.def(
       "backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd) "
-      "-> (Tensor sum_dy, Tensor sum_dy_xhat)");
+      "-> (Tensor sum_dy, Tensor sum_dy_xhat)", tags);
   m.def(
       "backward_input(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
-      "Tensor scale, Tensor mean_dy, Tensor mean_dy_xhat) -> Tensor");
+      "Tensor scale, Tensor mean_dy, Tensor mean_dy_xhat) -> Tensor", tags);
 }
 
 }  // namespace batchrenorm

@@ -93,3 +93,20 @@ def test_compiled_functional_training_step_matches_eager():
     for a, e in zip(*outs):
         assert_close(a, e, atol=1e-4, rtol=1e-4)
     assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inductor_passes_its_layout_to_the_ops_without_a_copy():
+    """On the CPU Inductor lays convolution outputs out channels_last even in an NCHW model. Our
+    ops take any layout (the flexible_layout tag), so no copy kernel runs in front of them."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), brn.BatchRenorm2d(8, **SCHEDULE),
+                        nn.ReLU())
+    twin = copy.deepcopy(net)
+    compiled = torch.compile(net, backend="inductor", fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    y, (code, *_) = run_and_get_code(compiled, x)
+    assert "batchrenorm.forward_train" in code
+    assert "cpp_fused_forward_train" not in code, "a copy kernel feeds forward_train"
+    assert_close(y, twin(x), atol=1e-4, rtol=1e-4)

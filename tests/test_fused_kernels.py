@@ -282,9 +282,15 @@ def _op_samples(dtype=torch.float32, fmt=torch.contiguous_format, shape=(3, 5, 4
                                   "normalize", "backward_reduce", "backward_input"])
 def test_opcheck(name, dtype, fmt):
     args = _op_samples(dtype, fmt)[name]
-    torch.library.opcheck(getattr(ops, name).default, args,
-                          test_utils=("test_schema", "test_autograd_registration",
-                                      "test_faketensor", "test_aot_dispatch_dynamic"))
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")
+    torch.library.opcheck(getattr(ops, name).default, args, test_utils=tests)
+    if name in ("forward_train", "forward_eval"):
+        # With input, weight and bias requiring grad: the C++ autograd (batchrenorm_autograd.h)
+        # is registered, and AOTAutograd traces through it.
+        args = tuple(a.detach().clone().requires_grad_() if i < 3 else a
+                     for i, a in enumerate(args))
+        torch.library.opcheck(getattr(ops, name).default, args, test_utils=tests)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

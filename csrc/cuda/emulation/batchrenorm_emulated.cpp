@@ -15,6 +15,7 @@
 #include <sstream>
 #include <vector>
 
+#include "batchrenorm_autograd.h"
 #include "batchrenorm_schemas.h"
 #include "cuda/batchrenorm_cuda_glue.h"
 #include "cuda_emulation.h"
@@ -97,6 +98,13 @@ struct EmulatedRuntime {
 }  // namespace batchrenorm
 
 TORCH_LIBRARY(batchrenorm_emulated_cuda, m) { batchrenorm::define_ops(m); }
+// The same C++ autograd as `batchrenorm`'s, so the emulated ops are differentiable the same way.
+namespace {
+constexpr char kEmulatedNamespace[] = "batchrenorm_emulated_cuda";
+}  // namespace
+TORCH_LIBRARY_IMPL(batchrenorm_emulated_cuda, Autograd, m) {
+  batchrenorm::autograd::register_kernels<kEmulatedNamespace>(m);
+}
 
 TORCH_LIBRARY_IMPL(batchrenorm_emulated_cuda, CPU, m) {
   batchrenorm::cuda::register_kernels<batchrenorm::cuda::EmulatedRuntime>(m);
