@@ -65,6 +65,29 @@ def _per_channel_like(input: Tensor, count: int):
                  for _ in range(count))
 
 
+# Arguments of the schemas that are `Tensor`, not `Tensor?`: the dispatcher can still hand the
+# fake kernels None for them.
+_REQUIRED = ("grad_output", "mean", "invstd", "scale", "shift", "mean_dy", "mean_dy_xhat")
+
+
+def _check_devices(op: str, input: Tensor, **tensors: Optional[Tensor]) -> None:
+    # The dispatcher picks the fake kernel as soon as one argument is a meta tensor, even when
+    # the others are real CPU or CUDA tensors; without this check such a call would return
+    # uninitialised memory instead of an error.
+    for name, t in (("input", input),) + tuple(tensors.items()):
+        if not isinstance(t, Tensor) and (t is not None or name == "input" or name in _REQUIRED
+                                          or (op == "forward_eval" and name.startswith("run"))):
+            raise TypeError(f"batchrenorm::{op}: {name} must be a Tensor, got "
+                            f"{type(t).__name__}")
+    if input.dim() < 2:
+        raise RuntimeError(f"batchrenorm::{op}: input must have shape (N, C, *) of rank >= 2, "
+                           f"got shape {list(input.shape)}")
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"batchrenorm::{op}: {name} is on {t.device}, expected "
+                               f"{input.device} like input")
+
+
 def register_fakes(namespace: str) -> None:
     """The fake (meta) kernels of the ops in `namespace`: "batchrenorm", or a test namespace with
     the same schemas (the CUDA emulation)."""
@@ -73,15 +96,22 @@ def register_fakes(namespace: str) -> None:
     def _forward_train_fake(input, weight, bias, running_mean, running_var, num_batches_tracked,
                             momentum, eps, r_max, d_max, warmup_steps, r_max_ramp_steps,
                             d_max_ramp_steps):
+        _check_devices("forward_train", input, weight=weight, bias=bias,
+                       running_mean=running_mean, running_var=running_var,
+                       num_batches_tracked=num_batches_tracked)
         output = torch.empty_like(input, memory_format=memory_format_of(input))
         return (output, *_per_channel_like(input, 4))
 
     @torch.library.register_fake(f"{namespace}::forward_eval")
     def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
+        _check_devices("forward_eval", input, weight=weight, bias=bias,
+                       running_mean=running_mean, running_var=running_var)
         return torch.empty_like(input, memory_format=memory_format_of(input))
 
     @torch.library.register_fake(f"{namespace}::backward")
     def _backward_fake(grad_output, input, weight, mean, invstd, r, d, batch_stats, output_mask):
+        _check_devices("backward", input, grad_output=grad_output, weight=weight, mean=mean,
+                       invstd=invstd, r=r, d=d)
         grad_input = (torch.empty_like(input, memory_format=memory_format_of(input))
                       if output_mask[0] else None)
         grad_weight = mean.new_empty(mean.shape) if output_mask[1] else None
@@ -90,18 +120,24 @@ def register_fakes(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::batch_stats")
     def _batch_stats_fake(input):
+        _check_devices("batch_stats", input)
         return _per_channel_like(input, 2)
 
     @torch.library.register_fake(f"{namespace}::normalize")
     def _normalize_fake(input, scale, shift):
+        _check_devices("normalize", input, scale=scale, shift=shift)
         return torch.empty_like(input, memory_format=memory_format_of(input))
 
     @torch.library.register_fake(f"{namespace}::backward_reduce")
     def _backward_reduce_fake(grad_output, input, mean, invstd):
+        _check_devices("backward_reduce", input, grad_output=grad_output, mean=mean,
+                       invstd=invstd)
         return _per_channel_like(input, 2)
 
     @torch.library.register_fake(f"{namespace}::backward_input")
     def _backward_input_fake(grad_output, input, mean, invstd, scale, mean_dy, mean_dy_xhat):
+        _check_devices("backward_input", input, grad_output=grad_output, mean=mean,
+                       invstd=invstd, scale=scale, mean_dy=mean_dy, mean_dy_xhat=mean_dy_xhat)
         return torch.empty_like(input, memory_format=memory_format_of(input))
 
 

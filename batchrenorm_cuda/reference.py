@@ -25,7 +25,7 @@ def stat_dtype(input_dtype: torch.dtype) -> torch.dtype:
 
 def ramp_fraction(step: Tensor, warmup_steps: int, ramp_steps: int) -> Tensor:
     """0 during warm-up, then a linear ramp reaching 1 after ramp_steps (at once if 0)."""
-    t = (step - warmup_steps).to(torch.float64)
+    t = step.to(torch.float64) - warmup_steps
     if ramp_steps <= 0:
         return (t >= 0).to(torch.float64)
     return (t / ramp_steps).clamp(0.0, 1.0)
@@ -48,7 +48,9 @@ def clip_bounds(
         return float(r_max), float(d_max)
     fr = ramp_fraction(step, warmup_steps, r_max_ramp_steps)
     fd = ramp_fraction(step, warmup_steps, d_max_ramp_steps)
-    return 1.0 + (r_max - 1.0) * fr, d_max * fd
+    # Exactly (1, 0) before a ramp starts, also for r_max or d_max = inf (inf * 0 is NaN).
+    return (torch.where(fr == 0, 1.0, 1.0 + (r_max - 1.0) * fr),
+            torch.where(fd == 0, 0.0, d_max * fd))
 
 
 def _channel_shape(x: Tensor) -> Tuple[int, ...]:

@@ -32,11 +32,13 @@ struct RenormSchedule {
   int64_t d_max_ramp_steps;
 };
 
+// In double: step - warmup_steps can overflow int64 for a counter or warm-up near its limits
+// (direct op callers pass any int), and the result is exact for everything below 2^53.
 BRN_HOST_DEVICE double ramp_fraction(int64_t step, int64_t warmup_steps, int64_t ramp_steps) {
-  const int64_t t = step - warmup_steps;
+  const double t = static_cast<double>(step) - static_cast<double>(warmup_steps);
   if (t < 0) return 0.0;
-  if (ramp_steps <= 0 || t >= ramp_steps) return 1.0;
-  return static_cast<double>(t) / static_cast<double>(ramp_steps);
+  if (ramp_steps <= 0 || t >= static_cast<double>(ramp_steps)) return 1.0;
+  return t / static_cast<double>(ramp_steps);
 }
 
 // has_step == false (the functional API, which has no step counter) means the final bounds.
@@ -44,14 +46,16 @@ BRN_HOST_DEVICE void clip_bounds(const RenormSchedule& s, bool has_step, int64_t
                                  double* r_max, double* d_max) {
   const double fr = has_step ? ramp_fraction(step, s.warmup_steps, s.r_max_ramp_steps) : 1.0;
   const double fd = has_step ? ramp_fraction(step, s.warmup_steps, s.d_max_ramp_steps) : 1.0;
-  *r_max = 1.0 + (s.r_max - 1.0) * fr;
-  *d_max = s.d_max * fd;
+  // Before a ramp starts the bounds are exactly (1, 0), also for r_max or d_max = inf
+  // (unclipped), where inf * 0 would give NaN.
+  *r_max = fr == 0.0 ? 1.0 : 1.0 + (s.r_max - 1.0) * fr;
+  *d_max = fd == 0.0 ? 0.0 : s.d_max * fd;
 }
 
 // Weight of this batch in the running averages: `momentum`, or the cumulative average
 // 1 / (step + 1) when momentum is None (nn.BatchNorm's momentum=None).
 BRN_HOST_DEVICE double running_average_factor(bool cumulative, double momentum, int64_t step) {
-  return cumulative ? 1.0 / static_cast<double>(step + 1) : momentum;
+  return cumulative ? 1.0 / (static_cast<double>(step) + 1.0) : momentum;
 }
 
 BRN_HOST_DEVICE bool is_finite_value(double v) {

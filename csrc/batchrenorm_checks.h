@@ -29,7 +29,13 @@ inline at::ScalarType stat_type(const at::Tensor& x) {
 
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// A Python None passed for a `Tensor` (not `Tensor?`) argument arrives as an undefined tensor.
+inline void check_defined(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a Tensor, got None");
+}
+
 inline void check_input(const char* op, const at::Tensor& x, c10::DeviceType device_type) {
+  check_defined(op, "input", x);
   TORCH_CHECK(x.device().type() == device_type, op, ": input must be a ",
               c10::DeviceTypeName(device_type), " tensor, got ", x.device());
   TORCH_CHECK(x.dim() >= 2, op, ": input must have shape (N, C, *) of rank >= 2, got shape ",
@@ -41,6 +47,7 @@ inline void check_input(const char* op, const at::Tensor& x, c10::DeviceType dev
 
 inline void check_per_channel(const char* op, const char* name, const at::Tensor& t,
                               const at::Tensor& x) {
+  check_defined(op, name, t);
   const int64_t C = x.size(1);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (C,) = (", C,
               ",), got ", t.sizes());
@@ -56,6 +63,7 @@ inline void check_per_channel(const char* op, const char* name,
 }
 
 inline void check_grad_output(const char* op, const at::Tensor& dy, const at::Tensor& x) {
+  check_defined(op, "grad_output", dy);
   TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output must have the input's shape ",
               x.sizes(), ", got ", dy.sizes());
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": grad_output must be ",

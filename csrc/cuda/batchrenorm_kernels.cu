@@ -427,7 +427,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   if (p.mode == kTrain && p.running_mean != nullptr && p.num_batches_tracked != nullptr &&
       blockIdx.x == 0 && threadIdx.x == 0) {
-    *p.num_batches_tracked = step + 1;
+    // Wraps at the int64 limit as the reference's add_(1) does (signed overflow is undefined).
+    *p.num_batches_tracked = static_cast<int64_t>(static_cast<uint64_t>(step) + 1u);
   }
   if (p.out == nullptr) return;  // uniform over the grid
 
