@@ -102,13 +102,22 @@ def batch_renorm(
 
     dims = _reduce_dims(input)
     mean = x.mean(dims)
-    var = x.var(dims, correction=0)
-    sigma_b = torch.sqrt(var + eps)
     # mean(x - mean) is the rounding residue of `mean` (1e-4 near 3000 in float32): a large part
     # of sigma_B when |mean| >> std. It is 0 in exact arithmetic, so it carries no gradient.
     centred = x - mean.view(shape)
     residue = centred.detach().mean(dims)
-    y = (centred - residue.view(shape)) / sigma_b.view(shape)
+    xc = centred - residue.view(shape)
+    # The variance from the corrected centred values, not x.var(): autograd through x.var()
+    # differentiates x - mean with the rounded mean, and dx loses the residue (25% off at mean
+    # 1e4, std 1e-2 in float32).
+    var = (xc * xc).mean(dims)
+    count = input.numel() // input.shape[1]
+    # The non-finite policy of csrc/batchrenorm.h (finite_stats): statistics are usable when the
+    # mean and M2 = var * count are finite in the statistics dtype; otherwise the channel's
+    # output and gradients are NaN (an infinite sigma_B would give a finite, constant output).
+    usable = torch.isfinite(mean.detach()) & torch.isfinite(var.detach() * count)
+    sigma_b = torch.where(usable, torch.sqrt(var + eps), float("nan"))
+    y = xc / sigma_b.view(shape)
 
     if running_mean is not None:
         with torch.no_grad():
@@ -120,8 +129,8 @@ def batch_renorm(
             r = torch.clamp(sigma_b.detach() / sigma, 1.0 / rmax, rmax)
             d = torch.clamp(((mean.detach() - running_mean) + residue) / sigma, -dmax, dmax)
         y = y * r.view(shape) + d.view(shape)
-        _update_running(mean.detach(), var.detach(), input.numel() // input.shape[1],
-                        running_mean, running_var, num_batches_tracked, momentum)
+        _update_running(mean.detach(), var.detach(), count, running_mean, running_var,
+                        num_batches_tracked, momentum)
     return _affine(y, weight, bias, shape).to(input.dtype)
 
 
@@ -133,11 +142,14 @@ def _update_running(mean, var, count, running_mean, running_var, num_batches_tra
         factor = factor.to(mean.dtype)
     else:
         factor = momentum
-    unbiased = var * count / (count - 1)
-    # A channel with non-finite batch statistics keeps its buffers (see csrc/batchrenorm.h).
-    finite = torch.isfinite(mean) & torch.isfinite(var)
+    # count / (count - 1) first: var * count would overflow before the division.
+    unbiased = var * (count / (count - 1))
     new_mean = (1 - factor) * running_mean + factor * mean
     new_var = (1 - factor) * running_var + factor * unbiased
+    # A channel keeps its buffers when its statistics or its update are not finite
+    # (update_running in csrc/batchrenorm.h).
+    finite = (torch.isfinite(mean) & torch.isfinite(var * count) & torch.isfinite(new_mean)
+              & torch.isfinite(new_var))
     running_mean.copy_(torch.where(finite, new_mean, running_mean))
     running_var.copy_(torch.where(finite, new_var, running_var))
     if num_batches_tracked is not None:

@@ -81,15 +81,33 @@ struct ChannelCoeffs {
   acc_t shift;
 };
 
+// The non-finite policy (README, "Non-finite batches"): a channel's statistics are usable when
+// its mean and its biased variance are finite in acc_t. The variance of a float, half or
+// bfloat16 input is a float: it overflows once sum((x - mean)^2) passes FLT_MAX (|x - mean|
+// around 1.8e19 / sqrt(m)), although every x is finite.
+template <typename acc_t>
+BRN_HOST_DEVICE bool finite_stats(acc_t mean, acc_t var_biased) {
+  return is_finite_value(static_cast<double>(mean)) &&
+         is_finite_value(static_cast<double>(var_biased));
+}
+
 // mean and var_biased are this batch's statistics of one channel; run_mean / run_var the
 // running buffers *before* this step's update. has_running == false (no running statistics)
 // gives r = 1, d = 0: plain BatchNorm. weight / bias are 1 / 0 when the layer is not affine.
+// Non-finite statistics give NaN coefficients, so the channel's output and gradients are NaN
+// and the loss shows the problem (an infinite variance would otherwise give invstd = 0 and a
+// finite, constant output).
 template <typename acc_t>
 BRN_HOST_DEVICE ChannelCoeffs<acc_t> renorm_coeffs(acc_t mean, acc_t var_biased, acc_t eps,
                                                    bool has_running, acc_t run_mean,
                                                    acc_t run_var, acc_t r_max, acc_t d_max,
                                                    acc_t weight, acc_t bias) {
   ChannelCoeffs<acc_t> c;
+  if (!finite_stats(mean, var_biased)) {
+    const acc_t nan = static_cast<acc_t>(NAN);
+    c.invstd = c.r = c.d = c.scale = c.shift = nan;
+    return c;
+  }
   const acc_t sigma_b = sqrt(var_biased + eps);
   c.invstd = acc_t(1) / sigma_b;
   if (has_running) {
@@ -106,19 +124,22 @@ BRN_HOST_DEVICE ChannelCoeffs<acc_t> renorm_coeffs(acc_t mean, acc_t var_biased,
 }
 
 // The running-buffer update of one channel, as nn.BatchNorm does it (running_var unbiased).
-// A channel whose batch statistics are NaN or inf keeps its buffers: one bad batch must not
-// poison the statistics used at inference. The output of that channel is still non-finite,
-// so the loss shows the problem.
+// A channel keeps its buffers when its batch statistics are not finite, or when the update
+// itself is not (the unbiased variance of a variance near FLT_MAX): one bad batch must not
+// poison the statistics used at inference. batchrenorm_cuda.reference mirrors this.
 template <typename acc_t>
 BRN_HOST_DEVICE void update_running(acc_t mean, acc_t var_biased, int64_t count, acc_t factor,
                                     acc_t* run_mean, acc_t* run_var) {
-  if (!is_finite_value(static_cast<double>(mean)) ||
-      !is_finite_value(static_cast<double>(var_biased))) {
-    return;
-  }
-  const acc_t unbiased = var_biased * static_cast<acc_t>(count) / static_cast<acc_t>(count - 1);
-  *run_mean = (acc_t(1) - factor) * *run_mean + factor * mean;
-  *run_var = (acc_t(1) - factor) * *run_var + factor * unbiased;
+  if (!finite_stats(mean, var_biased)) return;
+  // m / (m - 1) first: var * m would overflow before the division.
+  const acc_t correction =
+      static_cast<acc_t>(static_cast<double>(count) / static_cast<double>(count - 1));
+  const acc_t unbiased = var_biased * correction;
+  const acc_t new_mean = (acc_t(1) - factor) * *run_mean + factor * mean;
+  const acc_t new_var = (acc_t(1) - factor) * *run_var + factor * unbiased;
+  if (!finite_stats(new_mean, new_var)) return;
+  *run_mean = new_mean;
+  *run_var = new_var;
 }
 
 }  // namespace batchrenorm

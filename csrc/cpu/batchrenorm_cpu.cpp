@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <array>
 #include <cstdint>
@@ -241,13 +242,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     std::vector<double> vmean(C), vinvstd(C), vr(C), vd(C);
     for (int64_t c = 0; c < C; ++c) {
       const double mean = mom[c].mean;
-      const double var = mom[c].m2 / static_cast<double>(count);
+      // M2 is merged in double here, but the policy (finite_stats) is that of a float M2, as
+      // the CUDA kernels and the reference have it: a variance is usable only if M2 is finite
+      // in acc_t.
+      const bool m2_finite = mom[c].m2 <= static_cast<double>(std::numeric_limits<acc_t>::max());
+      const double var = m2_finite ? mom[c].m2 / static_cast<double>(count) : INFINITY;
       const acc_t mean_a = static_cast<acc_t>(mean), var_a = static_cast<acc_t>(var);
       ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
           mean_a, var_a, static_cast<acc_t>(eps), has_running, has_running ? prm[c] : acc_t(0),
           has_running ? prv[c] : acc_t(1), rmax, dmax, static_cast<acc_t>(w[c]),
           static_cast<acc_t>(b[c]));
-      if (has_running) {
+      if (has_running && finite_stats(mean_a, var_a)) {
         // d from the float64 mean: mean_a's rounding (1e-4 near 3000 in float) is a large part
         // of sigma when |mean| >> std, and d divides by sigma.
         const acc_t sigma = std::sqrt(prv[c] + static_cast<acc_t>(eps));

@@ -142,7 +142,9 @@ __device__ __forceinline__ void chan_merge(acc_t& mean_a, acc_t& m2_a, acc_t& n_
   const acc_t wb = n_b / n;
   const acc_t delta = mean_b - mean_a;
   mean_a += delta * wb;
-  m2_a += m2_b + delta * delta * n_a * wb;
+  // delta * (delta * n_a * wb), not delta^2 first: with two values far apart (|delta| beyond
+  // 1.8e19 in float) the square overflows although M2 itself is finite.
+  m2_a += m2_b + delta * (delta * (n_a * wb));
   n_a = n;
 }
 
@@ -402,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
             mean, var, static_cast<acc_t>(p.eps), has_running, run_mean, run_var, r_max, d_max,
             w, b);
-        if (has_running) {
+        if (has_running && finite_stats(mean, var)) {
           // d from the unrounded mean, (shift - running_mean) + mean(x - shift): the rounding of
           // `mean` to acc_t (1e-4 near 3000 in float) is a large part of sigma when |mean| >>
           // std, and d divides by sigma.
