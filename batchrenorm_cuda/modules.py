@@ -2,10 +2,12 @@
 
 The buffers keep nn.BatchNorm's names and meaning (running_mean, running_var unbiased,
 num_batches_tracked), so state_dicts move between the two unchanged. num_batches_tracked also
-drives the r_max / d_max schedule, so a checkpoint restores the schedule with it.
+drives the r_max / d_max schedule; the schedule's hyperparameters travel in the state_dict's
+metadata, so a checkpoint restores the schedule with it.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -110,6 +112,10 @@ def _check_module_input(caller: str, ranks, shape_name: str, num_features: int,
                          f"(dim 1), expected num_features={num_features}")
 
 
+_SCHEDULE = ("r_max", "d_max", "warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps")
+_SCHEDULE_KEY = "batchrenorm_schedule"
+
+
 class _BatchRenorm(_NormBase):
     _expected_ranks: Tuple[int, ...] = ()
     _shape_name = ""
@@ -171,6 +177,45 @@ class _BatchRenorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         return _module_forward(self, input)
+
+    # The schedule is saved in the state_dict's metadata (state_dict()._metadata[prefix], where
+    # torch keeps each module's version), not as a key: the keys stay nn.BatchNorm's, so a
+    # checkpoint still loads strictly into nn.BatchNorm and back. On load the checkpoint's
+    # schedule replaces the constructor's, with a warning when they differ: num_batches_tracked
+    # comes from the checkpoint, and the bounds must continue from it as they were. A state_dict
+    # without it (an older one, nn.BatchNorm's, or a plain dict copy) keeps the constructor's.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {})[_SCHEDULE_KEY] = {
+                k: getattr(self, k) for k in _SCHEDULE}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        saved = (local_metadata or {}).get(_SCHEDULE_KEY)
+        if saved is not None:
+            name = type(self).__name__
+            if not isinstance(saved, dict) or set(saved) != set(_SCHEDULE):
+                raise ValueError(f"{name}: the checkpoint's schedule for '{prefix[:-1]}' must be "
+                                 f"a dict with keys {_SCHEDULE}, got {saved!r}")
+            check_hyperparameters(name, self.momentum, self.eps, saved["r_max"],
+                                  saved["d_max"])
+            for k in _SCHEDULE[2:]:
+                if int(saved[k]) != saved[k] or saved[k] < 0:
+                    raise ValueError(f"{name}: the checkpoint's {k} for '{prefix[:-1]}' must be "
+                                     f"a non-negative integer, got {saved[k]!r}")
+            changed = {k: (getattr(self, k), saved[k]) for k in _SCHEDULE
+                       if getattr(self, k) != saved[k]}
+            if changed:
+                warnings.warn(
+                    f"{name} '{prefix[:-1]}': the checkpoint's schedule replaces the "
+                    "constructor's: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                                  changed.items()), UserWarning, stacklevel=4)
+            for k in _SCHEDULE:
+                setattr(self, k, float(saved[k]) if k in ("r_max", "d_max") else int(saved[k]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling it.
