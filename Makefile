@@ -2,6 +2,10 @@
 #             kernels included, and their AddressSanitizer run)
 # make test-cuda-emulation   build the emulated CUDA kernels and run only their tests
 # make bench  set up .venv, build, run the benchmark on the default device (CUDA if present)
+# make fuzz   the reliability campaign (README, "Reliability"): 5,000 differential cases on every
+#             backend, 12,000 adversarial op calls (and 1,000 on the emulated CUDA ops), the op
+#             calls again under an AddressSanitizer + UBSan build of the CPU extension, and a
+#             training step on a float16 input of more than 2^31 elements (needs ~9 GB)
 #
 # The venv sees the system's site-packages, so a torch that is already installed (a CUDA
 # build, say) is reused; only when none imports is $(TORCH_SPEC) installed.
@@ -12,7 +16,7 @@ PY         := $(VENV)/bin/python
 BENCH_ARGS ?=
 SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: test test-cuda-emulation bench accuracy build venv clean system-deps
+.PHONY: test test-cuda-emulation bench accuracy fuzz build venv clean system-deps
 
 # Boost.Fiber runs the emulated CUDA threads (tests/cuda_emulation.py); installed when missing.
 system-deps:
@@ -37,6 +41,13 @@ test: build system-deps
 
 test-cuda-emulation: build system-deps
 	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q -m cuda_emulation tests
+
+fuzz: build system-deps
+	$(PY) tests/fuzz_campaign.py --cases 5000 --jobs 2
+	$(PY) tests/fuzz_ops.py --calls 12000
+	$(PY) tests/fuzz_ops.py --calls 1000 --namespace batchrenorm_emulated_cuda
+	$(PY) tests/fuzz_ops.py --asan --calls 12000
+	$(PY) tests/fuzz_big.py
 
 bench: build
 	$(PY) benchmarks/bench_batchrenorm.py $(BENCH_ARGS)
