@@ -1,7 +1,8 @@
 # make test   set up .venv, build the extension, run the whole suite (the emulated CUDA
 #             kernels included, and their AddressSanitizer run)
 # make test-cuda-emulation   build the emulated CUDA kernels and run only their tests
-# make bench  set up .venv, build, run the benchmark on the default device (CUDA if present)
+# make bench  set up .venv, build, run the benchmark on the default device (CUDA if present),
+#             then the module-level one (CPU: BatchRenormNd vs nn.BatchNormNd, 1 and 2 threads)
 # make fuzz   the reliability campaign (README, "Reliability"): 5,000 differential cases on every
 #             backend, 12,000 adversarial op calls (and 1,000 on the emulated CUDA ops), the op
 #             calls again under an AddressSanitizer + UBSan build of the CPU extension, and a
@@ -51,6 +52,7 @@ fuzz: build system-deps
 
 bench: build
 	$(PY) benchmarks/bench_batchrenorm.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_modules.py $(BENCH_MODULES_ARGS)
 
 accuracy: build
 	$(PY) benchmarks/accuracy.py $(ACCURACY_ARGS)

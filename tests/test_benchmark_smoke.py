@@ -94,3 +94,19 @@ def test_harness_quantiles_and_bytes():
     assert t.median_ms == 3.0 and t.p20_ms < 3.0 < t.p80_ms and t.reps == 5
     assert harness.minimal_bytes(10, 2, "fwd+bwd") == 100
     assert harness.geomean([2.0, 8.0]) == pytest.approx(4.0)
+
+
+def test_module_benchmark_runs_and_writes_its_results(tmp_path):
+    bench = _load("bench_modules")
+    out = tmp_path / "modules.json"
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--quick", "--threads", "1", "--no-compile", "--rep-ms", "2",
+                             "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["ratio"] > 0 for r in rows)
+    assert {r["kind"] for r in rows} == {"norm", "block"}
+    assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
+    assert "1t eager geomean" in result["summary"]

@@ -1,0 +1,206 @@
+"""Module-level benchmark: what a user who swaps nn.BatchNorm for BatchRenorm pays.
+
+The whole module's training step (forward + backward, through autograd, the Python module code
+included), BatchRenormNd against nn.BatchNormNd, on the shapes our users run: RL critics' (N, C)
+activations (CrossQ: N in {256, 512}, C in {64, 256, 2048}), tiny conv maps, and ResNet-50's
+channels_last layers at N <= 16. Each alone ("norm") and in a block (Linear or Conv -> norm ->
+ReLU), eager and under torch.compile. Warm-up off (the bounds are the final ones), as in issue
+11's measurements; the step counter still advances.
+
+    python benchmarks/bench_modules.py [--threads 1,2] [--quick] [--no-compile] [--out PATH]
+
+Timing is benchmarks/harness.py's measure_many: the two models' samples interleaved on the CPU,
+so a load that comes and goes hits both alike; the ratio brn / bn is what to read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import batchrenorm_cuda as brn  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OFF = dict(warmup_steps=0, r_max_ramp_steps=0, d_max_ramp_steps=0)
+
+# (name, shape, layout, kinds): kinds are "norm" (the layer alone) and "block".
+RL = [(f"rl {n}x{c}", (n, c), "contiguous") for n in (256, 512) for c in (64, 256, 2048)]
+CONV = [("tiny 2x64x8x8", (2, 64, 8, 8), "contiguous"),
+        ("tiny 8x32x16x16", (8, 32, 16, 16), "contiguous"),
+        ("r50 4x256x14x14", (4, 256, 14, 14), "channels_last"),
+        ("r50 2x64x56x56", (2, 64, 56, 56), "channels_last"),
+        ("r50 16x512x7x7", (16, 512, 7, 7), "channels_last"),
+        ("r50 16x2048x7x7", (16, 2048, 7, 7), "channels_last")]
+# torch.compile: blocks only, a few shapes (each compile costs tens of seconds here).
+COMPILED = ("rl 512x256", "rl 256x2048", "tiny 8x32x16x16", "r50 4x256x14x14")
+QUICK = ("rl 512x256", "rl 256x64", "tiny 2x64x8x8", "r50 4x256x14x14")
+
+
+def _norms(rank: int, C: int):
+    if rank == 2:
+        return brn.BatchRenorm1d(C, **OFF), nn.BatchNorm1d(C)
+    return brn.BatchRenorm2d(C, **OFF), nn.BatchNorm2d(C)
+
+
+def _models(shape, kind: str):
+    """(Batch Renorm model, BatchNorm model) with the same initial weights."""
+    C = shape[1]
+    renorm, bn = _norms(len(shape), C)
+    if kind == "norm":
+        return renorm, bn
+    torch.manual_seed(0)
+    layer = nn.Linear(C, C) if len(shape) == 2 else nn.Conv2d(C, C, 3, padding=1)
+    twin = nn.Linear(C, C) if len(shape) == 2 else nn.Conv2d(C, C, 3, padding=1)
+    twin.load_state_dict(layer.state_dict())
+    return nn.Sequential(layer, renorm, nn.ReLU()), nn.Sequential(twin, bn, nn.ReLU())
+
+
+def _input(shape, layout: str) -> torch.Tensor:
+    x = torch.randn(shape) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def run_case(name, shape, layout, kind, compiled: bool, cfg) -> Dict[str, object]:
+    renorm, bn = _models(shape, kind)
+    if layout == "channels_last":
+        renorm, bn = (m.to(memory_format=torch.channels_last) for m in (renorm, bn))
+    x = _input(shape, layout)
+    if compiled:
+        # Each case compiles new models of the same code: without a reset, Dynamo's recompile
+        # limit is soon reached and it falls back to eager.
+        torch._dynamo.reset()
+    entries = {}
+    for label, model in (("brn", renorm), ("bn", bn)):
+        fn = torch.compile(model, fullgraph=True) if compiled else model
+        entries[label] = ((lambda fn=fn: fn(x)), [x, *model.parameters()], nullcontext)
+    grad = torch.randn_like(renorm(x))
+    timings = harness.measure_many(entries, grad, "fwd+bwd", cfg)
+    row = dict(case=name, shape=list(shape), layout=layout, kind=kind,
+               mode="compiled" if compiled else "eager")
+    for label, t in timings.items():
+        if "error" in t:
+            row[f"{label}_error"] = t["error"]
+        else:
+            row[f"{label}_ms"], row[f"{label}_p20_ms"], row[f"{label}_p80_ms"] = (
+                t["device_ms"], t["p20_ms"], t["p80_ms"])
+    if "brn_ms" in row and "bn_ms" in row:
+        row["ratio"] = row["brn_ms"] / row["bn_ms"]
+    return row
+
+
+def work(quick: bool, compile_: bool):
+    for name, shape, layout in RL + CONV:
+        if quick and name not in QUICK:
+            continue
+        kinds = ("norm", "block") if len(shape) == 2 or name.startswith("tiny") else ("norm",)
+        for kind in kinds:
+            yield name, shape, layout, kind, False
+        if compile_ and name in COMPILED and not quick:
+            yield name, shape, layout, "block", True
+
+
+def summary(rows: List[Dict[str, object]]) -> Dict[str, float]:
+    out = {}
+    for threads in sorted({r["threads"] for r in rows}):
+        for mode in ("eager", "compiled"):
+            ratios = [r["ratio"] for r in rows
+                      if r["threads"] == threads and r["mode"] == mode and "ratio" in r]
+            if ratios:
+                out[f"{threads}t {mode} geomean"] = harness.geomean(ratios)
+                out[f"{threads}t {mode} worst"] = max(ratios)
+    return out
+
+
+def markdown(result) -> str:
+    lines = ["| threads | case | layout | kind | mode | brn ms | bn ms | brn / bn |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = (f"{r['ratio']:.2f}" if "ratio" in r
+                 else r.get("error", r.get("brn_error", r.get("bn_error"))))
+        lines.append(f"| {r['threads']} | {r['case']} | {r['layout']} | {r['kind']} | "
+                     f"{r['mode']} | {r.get('brn_ms', float('nan')):.3f} | "
+                     f"{r.get('bn_ms', float('nan')):.3f} | {ratio} |")
+    lines += ["", "| summary | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in result["summary"].items()]
+    env = result["environment"]
+    lines += ["", f"{env['device']}, torch {env['torch']}, csrc tree {env['csrc_tree']} "
+              f"(uncommitted csrc edits: {env['csrc_dirty']}, diff {env['csrc_diff_sha1']}), "
+              f"load average {result['loadavg_start']} -> {result['loadavg_end']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "ratio" in r]
+    labels = [f"{r['case']} {r['kind']} {r['mode']} {r['threads']}t" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), [r["ratio"] for r in rows],
+            color=["tab:orange" if r["mode"] == "compiled" else "tab:blue" for r in rows])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("BatchRenorm / nn.BatchNorm, forward + backward time (lower is faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    p.add_argument("--quick", action="store_true", help="four shapes, eager only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
+    p.add_argument("--rep-ms", type=float, default=300.0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default results/modules_cpu_<cpu>.json); .md and .png too")
+    args = p.parse_args(argv)
+    device = torch.device("cpu")
+    cfg = harness.TimerConfig(rep_ms=args.rep_ms)
+    previous = torch.get_num_threads()
+    result = dict(environment=harness.environment(device), loadavg_start=harness.loadavg(),
+                  rows=[])
+    try:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for name, shape, layout, kind, compiled in work(args.quick, not args.no_compile):
+                try:
+                    row = run_case(name, shape, layout, kind, compiled, cfg)
+                except Exception as error:  # noqa: BLE001 - one case must not lose the run
+                    row = dict(case=name, shape=list(shape), layout=layout, kind=kind,
+                               mode="compiled" if compiled else "eager", error=repr(error))
+                row["threads"] = threads
+                result["rows"].append(row)
+                print(f"{threads}t {name:18s} {layout:13s} {kind:5s} "
+                      f"{row['mode']:8s} {row.get('ratio', float('nan')):.2f}", flush=True)
+    finally:
+        torch.set_num_threads(previous)
+    result["loadavg_end"] = harness.loadavg()
+    result["summary"] = summary(result["rows"])
+    slug = re.sub(r"[^a-z0-9]+", "-", harness.cpu_model_name().lower()).strip("-")
+    out = args.out or RESULTS / f"modules_cpu_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    for k, v in result["summary"].items():
+        print(f"{k}: {v:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
