@@ -39,3 +39,24 @@ def cuda_emulation():
             raise
         pytest.skip(f"CUDA emulation not built: {error}")
     return module
+
+
+@pytest.fixture(params=["reference", "fused", pytest.param(
+    "cuda_emulated", marks=pytest.mark.cuda_emulation)])
+def backend(request):
+    """The `backend=` value for the public API (modules, batch_renorm): the reference, the
+    fused CPU kernels, or the CUDA kernels on the emulator (backend="fused" with the emulated
+    op namespace swapped in). test_fused_kernels.py overrides it with its own device fixture."""
+    if request.param == "reference":
+        yield "reference"
+        return
+    if not batchrenorm_cuda.extension_available("cpu"):
+        pytest.skip("needs the compiled CPU kernels")
+    if request.param == "fused":
+        yield "fused"
+        return
+    from batchrenorm_cuda.testing import fused_ops_namespace
+
+    request.getfixturevalue("cuda_emulation").set_device(16, 2)
+    with fused_ops_namespace("batchrenorm_emulated_cuda"):
+        yield "fused"

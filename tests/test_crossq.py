@@ -17,26 +17,9 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.testing import fused_ops_namespace
 
 S, A, HIDDEN, BATCH = 5, 2, 32, 64
 CROSSQ = dict(eps=1e-3, momentum=0.01, warmup_steps=3, r_max_ramp_steps=0, d_max_ramp_steps=0)
-
-
-@pytest.fixture(params=["reference", "fused", pytest.param(
-    "cuda_emulated", marks=pytest.mark.cuda_emulation)])
-def backend(request):
-    if request.param == "reference":
-        yield "reference"
-        return
-    if not brn.extension_available("cpu"):
-        pytest.skip("needs the compiled CPU kernels")
-    if request.param == "fused":
-        yield "fused"
-        return
-    request.getfixturevalue("cuda_emulation").set_device(16, 2)
-    with fused_ops_namespace("batchrenorm_emulated_cuda"):
-        yield "fused"
 
 
 def _critic(backend):

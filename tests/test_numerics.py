@@ -12,25 +12,9 @@ from torch.testing import assert_close
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
 from batchrenorm_cuda.functional import _batch_renorm
-from batchrenorm_cuda.testing import fused_ops_namespace, tolerance
+from batchrenorm_cuda.testing import tolerance
 
 FLT_MAX = torch.finfo(torch.float32).max
-
-
-@pytest.fixture(params=["reference", "fused", pytest.param(
-    "cuda_emulated", marks=pytest.mark.cuda_emulation)])
-def backend(request):
-    if request.param == "reference":
-        yield "reference"
-        return
-    if not brn.extension_available("cpu"):
-        pytest.skip("needs the compiled CPU kernels")
-    if request.param == "fused":
-        yield "fused"
-        return
-    request.getfixturevalue("cuda_emulation").set_device(16, 2)
-    with fused_ops_namespace("batchrenorm_emulated_cuda"):
-        yield "fused"
 
 
 def step(x, backend, training=True, running=None, weight=None, bias=None, r_max=3.0, d_max=5.0,

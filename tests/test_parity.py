@@ -14,30 +14,12 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.testing import fused_ops_namespace
 
 NO_SCHEDULE = dict(warmup_steps=0, r_max_ramp_steps=0, d_max_ramp_steps=0)
 # Bounds tight enough that r and d are clipped for the inputs below (std ~3, mean ~1 against
 # running statistics 0 and 1).
 BOUNDS = dict(r_max=1.5, d_max=0.5)
 F64 = dict(atol=1e-9, rtol=1e-8)
-
-
-@pytest.fixture(params=["reference", "fused", pytest.param(
-    "cuda_emulated", marks=pytest.mark.cuda_emulation)])
-def backend(request):
-    """The `backend=` value to pass; cuda_emulated runs backend="fused" on the emulated ops."""
-    if request.param == "reference":
-        yield "reference"
-        return
-    if not brn.extension_available("cpu"):
-        pytest.skip("needs the compiled CPU kernels")
-    if request.param == "fused":
-        yield "fused"
-        return
-    request.getfixturevalue("cuda_emulation").set_device(16, 2)
-    with fused_ops_namespace("batchrenorm_emulated_cuda"):
-        yield "fused"
 
 
 def _x(*shape, dtype=torch.float64):
