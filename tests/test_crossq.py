@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
@@ -130,6 +130,8 @@ def _r_and_d(backend, x, rm, rv, step, r_max, d_max, warmup, r_ramp, d_ramp):
 
 
 @settings(max_examples=25, deadline=None)
+@example(warmup=0, r_ramp=0, d_ramp=3, r_max=1.0, d_max=1.401298464324817e-45, scale=0.0,
+         shift=0.0, seed=0)
 @given(warmup=st.integers(0, 12), r_ramp=st.integers(0, 12), d_ramp=st.integers(0, 12),
        r_max=st.floats(1.0, 10.0), d_max=st.floats(0.0, 10.0),
        scale=st.floats(-3.0, 3.0), shift=st.floats(-3.0, 3.0), seed=st.integers(0, 2**16))
@@ -158,5 +160,7 @@ def test_r_and_d_stay_within_the_schedule_at_every_step(warmup, r_ramp, d_ramp, 
             assert (r > 0).all(), f"{backend}: r flipped sign at step {step}"
             assert (r <= bounds[0] * slack).all() and (r >= 1 / bounds[0] / slack).all(), \
                 f"{backend}: r outside [1/{bounds[0]}, {bounds[0]}] at step {step}: {r}"
-            assert (d.abs() <= bounds[1] * slack).all(), \
+            # A subnormal d_max (hypothesis finds 1.4e-45) has no relative precision left in
+            # float32: the bound itself rounds by up to one subnormal step, 2^-149.
+            assert (d.abs() <= bounds[1] * slack + 2.0 ** -149).all(), \
                 f"{backend}: d outside +-{bounds[1]} at step {step}: {d}"
