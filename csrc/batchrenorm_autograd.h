@@ -264,6 +264,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps, double r_max,
     double d_max, int64_t warmup_steps, int64_t r_max_ramp_steps, int64_t d_max_ramp_steps) {
+  // A Python None for a `Tensor` argument arrives undefined; named here, before the autograd
+  // wrapper asks it for its device ("tensor does not have a device").
+  static const std::string op = std::string(NS) + "::forward_train";
+  check_defined(op.c_str(), "input", input);
   if (functorch_active()) {
     // The fused op (below autograd) gives the statistics, r, d and the buffer update; the
     // output is recomputed differentiably.
@@ -285,6 +289,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
 template <const char* NS>
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                     const Tensor& running_mean, const Tensor& running_var, double eps) {
+  static const std::string op = std::string(NS) + "::forward_eval";
+  check_defined(op.c_str(), "input", input);
+  check_defined(op.c_str(), "running_mean", running_mean);
+  check_defined(op.c_str(), "running_var", running_var);
   if (functorch_active()) {
     return composite_eval_output(input, weight, bias, running_mean, running_var, eps);
   }

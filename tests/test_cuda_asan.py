@@ -12,10 +12,11 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# One case of each kind: every dtype and layout, ranks 2-5, odd sizes, the ops called directly,
-# many CTAs per channel.
-SLICE = ("training_steps_and_eval or momentum_none or not_affine or opcheck or building_blocks "
-         "or no_poison or ops_match_cpu or other_sizes or each_check")
+# One case of each kind: every element size (bfloat16 is left out: it has float16's vector
+# widths and index arithmetic, and its cases cost a quarter of the run) and layout, ranks 2-5,
+# odd sizes, the ops called directly, many CTAs per channel.
+SLICE = ("(training_steps_and_eval or momentum_none or not_affine or opcheck or building_blocks "
+         "or no_poison or ops_match_cpu or other_sizes or each_check) and not bfloat16")
 
 
 @pytest.mark.cuda_emulation

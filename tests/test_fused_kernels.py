@@ -106,7 +106,11 @@ def test_training_steps_and_eval_match_reference(shape, kind, dtype):
 def test_large_inputs_many_ctas_per_channel_and_channels_per_cta(shape, kind, dtype, backend):
     if backend == "cuda_emulated" and dtype != torch.float32:
         pytest.skip("emulated in float32 only, for time (float16 runs in every small case)")
-    _compare_steps(shape, kind, dtype, steps=2)
+    # The emulator's cost grows with the CTA count, which NCHW gives one per channel: the wide
+    # NCHW layers run one step there (the kernels and the table/no-table paths are the same in
+    # step 2; multi-step clipping is covered by every small case).
+    wide_nchw = backend == "cuda_emulated" and kind == "contiguous" and shape[1] >= 1000
+    _compare_steps(shape, kind, dtype, steps=1 if wide_nchw else 2)
 
 
 def test_momentum_none_cumulative_average():
