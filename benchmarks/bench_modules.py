@@ -15,6 +15,7 @@ so a load that comes and goes hits both alike; the ratio brn / bn is what to rea
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
@@ -60,8 +61,7 @@ def _models(shape, kind: str):
         return renorm, bn
     torch.manual_seed(0)
     layer = nn.Linear(C, C) if len(shape) == 2 else nn.Conv2d(C, C, 3, padding=1)
-    twin = nn.Linear(C, C) if len(shape) == 2 else nn.Conv2d(C, C, 3, padding=1)
-    twin.load_state_dict(layer.state_dict())
+    twin = copy.deepcopy(layer)  # the same initial weights
     return nn.Sequential(layer, renorm, nn.ReLU()), nn.Sequential(twin, bn, nn.ReLU())
 
 
