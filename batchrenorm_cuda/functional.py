@@ -142,6 +142,23 @@ def _empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     return out.to(input.dtype)
 
 
+def _check_fused_arguments(caller: str, running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor], weight: Optional[Tensor],
+                           bias: Optional[Tensor], training: bool) -> None:
+    """What the fused ops cannot check themselves: the dispatcher turns a non-Tensor argument
+    into its own RuntimeError before a kernel runs, and eval's schema needs the buffers. The
+    ops check everything else, in check_arguments' words (csrc/batchrenorm_checks.h)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{caller}: {name} must be a Tensor or None, got {type(t).__name__}")
+    if not training and (running_mean is None or running_var is None):
+        if running_mean is not running_var:
+            raise ValueError(f"{caller}: running_mean and running_var must both be tensors or "
+                             "both be None")
+        raise ValueError(f"{caller}: eval (training=False) needs running_mean and running_var")
+
+
 def _batch_renorm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -161,9 +178,22 @@ def _batch_renorm(
     caller: str = "batch_renorm",
 ) -> Tensor:
     """batch_renorm with the module's extras: the step counter that drives the schedule."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{caller}: input must be a Tensor, got {type(input).__name__}")
+    fused = use_fused(input, backend, caller)
+    if fused and input.numel() > 0 and (training or not _is_exporting()):
+        # The hot path: one dispatcher call, whose kernels check every argument before they
+        # touch a buffer (csrc/batchrenorm_checks.h) and whose autograd is registered in C++
+        # (csrc/batchrenorm_autograd.h).
+        _check_fused_arguments(caller, running_mean, running_var, weight, bias, training)
+        if training:
+            return _ops.OPS.forward_train(input, weight, bias, running_mean, running_var,
+                                          num_batches_tracked, momentum, eps, r_max, d_max,
+                                          warmup_steps, r_max_ramp_steps, d_max_ramp_steps)[0]
+        check_hyperparameters(caller, momentum, eps, r_max, d_max)
+        return _ops.OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
     check_arguments(caller, input, running_mean, running_var, weight, bias, training, momentum,
                     eps, r_max, d_max, num_batches_tracked)
-    fused = use_fused(input, backend, caller)
     if not training and _is_exporting():
         # Eval is exactly BatchNorm's eval: exported as aten batch_norm, a program runs (ONNX,
         # AOTInductor, ExecuTorch) without this package.
@@ -173,13 +203,6 @@ def _batch_renorm(
         if training and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return _empty_batch(input, weight, bias)
-    if fused:
-        # One dispatcher call: the ops' autograd is registered in C++ (batchrenorm_autograd.h).
-        if training:
-            return _ops.OPS.forward_train(input, weight, bias, running_mean, running_var,
-                                          num_batches_tracked, momentum, eps, r_max, d_max,
-                                          warmup_steps, r_max_ramp_steps, d_max_ramp_steps)[0]
-        return _ops.OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
     return reference.batch_renorm(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, r_max, d_max, num_batches_tracked,
                                   warmup_steps, r_max_ramp_steps, d_max_ramp_steps)

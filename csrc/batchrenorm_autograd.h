@@ -1,30 +1,41 @@
-// batchrenorm_autograd.h: the autograd of forward_train and forward_eval, as C++
-// torch::autograd::Functions registered for the Autograd key (as PyTorch's own ops have it), so
-// that a training call from Python is one dispatcher call: no Python autograd.Function, no
-// Python argument walk. Shared by every library with these schemas: `batchrenorm`
-// (csrc/batchrenorm.cpp) and the CUDA emulator's (csrc/cuda/emulation/batchrenorm_emulated.cpp),
-// each registering it for its own namespace.
+// batchrenorm_autograd.h: the autograd of forward_train and forward_eval, registered for the
+// Autograd key of each library with these schemas (as PyTorch's own ops have it), so that a
+// training call from Python is one dispatcher call: no Python autograd.Function, no Python
+// argument walk. Shared by `batchrenorm` (csrc/batchrenorm.cpp) and the CUDA emulator's library
+// (csrc/cuda/emulation/batchrenorm_emulated.cpp), each registering it for its own namespace.
+//
+// The kernels are written as PyTorch's generated ones are (VariableType's native_batch_norm and
+// its NativeBatchNormBackward0 node): when a graph is recorded, one backward Node with the saved
+// tensors as SavedVariables and edges to input, weight and bias; otherwise (no grad mode, or no
+// input requiring grad) a plain call below autograd. A torch::autograd::Function does the same
+// with more work per call (input and output VariableInfo, a saved_data map, the
+// non-differentiable set, zero-filled grads for the statistics outputs), which at RL layer sizes
+// was a visible part of a step.
 //
 // r and d are constants for autograd, so the training backward is BatchNorm's with weight * r
 // as the scale. It runs the fused `backward` op, except when the backward itself must be
-// differentiable (grad mode on in backward: create_graph=True, and every torch.func grad
-// transform): then it is written in ATen ops, with the batch statistics recomputed from the
-// input so that a second derivative flows through them (the saved ones are constants).
-// torch.func.vmap rules live in Python (batchrenorm_cuda/_autograd.py, torch.library.register_vmap).
-// torch.func's grad transforms refuse C++ autograd::Functions, so under them the outputs are
-// computed in ATen ops instead (composite_*_output), which the transforms differentiate.
+// differentiable (grad mode on in backward: create_graph=True): then it is written in ATen ops,
+// with the batch statistics recomputed from the input so that a second derivative flows through
+// them (the saved ones are constants). Under a torch.func transform or with a forward-mode AD
+// tangent the output is computed in ATen ops instead (composite_*_output), which those
+// differentiate. torch.func.vmap rules live in Python (batchrenorm_cuda/_autograd.py).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "batchrenorm_checks.h"
@@ -32,9 +43,9 @@
 namespace batchrenorm {
 namespace autograd {
 
+namespace ag = torch::autograd;
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+using ag::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 using TrainSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
@@ -79,13 +90,6 @@ inline std::vector<int64_t> channel_shape(const Tensor& x) {
   std::vector<int64_t> shape(x.dim(), 1);
   shape[1] = x.size(1);
   return shape;
-}
-
-// Which of input, weight, bias need a gradient. needs_input_grad counts only the tensor
-// arguments that were present, so the index of bias depends on whether weight was given.
-inline std::array<bool, 3> output_mask(AutogradContext* ctx, bool has_weight, bool has_bias) {
-  return {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
-          has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
 }
 
 inline std::array<Tensor, 3> composite_train_backward(const Tensor& dy, const Tensor& input,
@@ -134,10 +138,11 @@ inline std::array<Tensor, 3> composite_eval_backward(const Tensor& dy, const Ten
   return out;
 }
 
-// Whether a torch.func transform is active, so that autograd::Function::apply would refuse to
-// run: the same test it makes (which throws). ATen/functorch/DynamicLayer.h, which says it
-// directly, is not usable from an extension (it needs nlohmann/json). Throws only under a
-// transform, the slow path anyway.
+// Whether a torch.func transform is active: then the output is written in ATen ops, which the
+// transform's levels differentiate, rather than given a node of ours. The test is the one
+// torch::autograd::Function makes before it refuses to run under a transform (it throws);
+// ATen/functorch/DynamicLayer.h, which says it directly, is not usable from an extension (it
+// needs nlohmann/json). Throws only under a transform, the slow path anyway.
 inline bool functorch_active() {
   const auto& tls = at::functorch::functorchTLSAccessor();
   if (!tls) return false;
@@ -180,83 +185,120 @@ inline Tensor composite_eval_output(const Tensor& input, const OptTensor& weight
 
 inline OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-template <const char* NS>
-class TrainFunction : public torch::autograd::Function<TrainFunction<NS>> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, const OptTensor& running_mean,
-                               const OptTensor& running_var, const OptTensor& num_batches_tracked,
-                               std::optional<double> momentum, double eps, double r_max,
-                               double d_max, int64_t warmup_steps, int64_t r_max_ramp_steps,
-                               int64_t d_max_ramp_steps) {
-    at::AutoDispatchBelowAutograd guard;
-    auto [output, mean, invstd, r, d] = Ops<NS>::forward_train().call(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-        r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd, r, d});
-    ctx->saved_data["has_bias"] = present(bias);
-    ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({mean, invstd, r, d});
-    return {output, mean, invstd, r, d};
+// The kernels advance the step counter through its pointer: bump its version as the add_(1) of
+// nn.BatchNorm does (and so refuse an inference-mode counter outside inference mode, as it
+// does). The running buffers' versions are left as native_batch_norm leaves them, so that code
+// which works with nn.BatchNorm works here; nothing of ours reads them after the step (the eval
+// node saves its own copies).
+inline void bump_counter_version(const OptTensor& running_mean,
+                                 const OptTensor& num_batches_tracked) {
+  // Without running statistics the counter does not advance.
+  if (present(running_mean) && present(num_batches_tracked)) {
+    num_batches_tracked->unsafeGetTensorImpl()->bump_version();
   }
+}
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(13);
+// A Node handle as this torch's autograd holds one: std::shared_ptr before torch 2.13,
+// c10::intrusive_ptr since.
+using NodePtr = decltype(ag::Edge::function);
+
+template <typename N>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<ag::Node>>) {
+    // deleteNode (found by argument-dependent lookup, so only where it exists) frees a long
+    // chain of nodes without deep recursion, as the generated nodes are freed.
+    return std::shared_ptr<N>(new N(), [](N* node) { deleteNode(node); });
+  } else {
+    return c10::make_intrusive<N>();
+  }
+}
+
+// What both backward nodes share: edges 0, 1, 2 to input, weight and bias (an invalid edge for
+// an absent one, for which task_should_compute_output says false).
+struct BackwardNode : public ag::Node {
+  ag::SavedVariable input_, weight_;
+  double eps = 0.0;
+
+  std::array<bool, 3> output_mask() const {
+    return {task_should_compute_output(0), task_should_compute_output(1),
+            task_should_compute_output(2)};
+  }
+  static variable_list grads_of(std::tuple<OptTensor, OptTensor, OptTensor> g) {
+    auto& [gi, gw, gb] = g;
+    return {gi.value_or(Tensor()), gw.value_or(Tensor()), gb.value_or(Tensor())};
+  }
+  static variable_list grads_of(const std::array<Tensor, 3>& g) { return {g[0], g[1], g[2]}; }
+};
+
+template <const char* NS>
+struct TrainBackward : public BackwardNode {
+  ag::SavedVariable mean_, invstd_, r_, d_;  // the batch's statistics, r and d: constants
+
+  std::string name() const override { return "BatchRenormTrainBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto* v : {&input_, &weight_, &mean_, &invstd_, &r_, &d_}) v->reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const Tensor& dy = grads[0];
-    if (!dy.defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3],
-                 &r = saved[4], &d = saved[5];
-    const auto mask = output_mask(ctx, weight.defined(), ctx->saved_data["has_bias"].toBool());
+    const auto mask = output_mask();
+    if (!dy.defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(3);
+    const Tensor input = input_.unpack(), weight = weight_.unpack(), r = r_.unpack(),
+                 d = d_.unpack();
     if (at::GradMode::is_enabled()) {
-      auto g = composite_train_backward(dy, input, weight, r, d,
-                                        ctx->saved_data["eps"].toDouble(), mask);
-      out[0] = g[0], out[1] = g[1], out[2] = g[2];
-    } else {
-      auto [gi, gw, gb] = Ops<NS>::backward().call(dy, input, optional_of(weight), mean, invstd,
-                                                   r, d, true, mask);
-      out[0] = gi.value_or(Tensor()), out[1] = gw.value_or(Tensor()),
-      out[2] = gb.value_or(Tensor());
+      return grads_of(composite_train_backward(dy, input, weight, r, d, eps, mask));
     }
-    return out;
+    return grads_of(Ops<NS>::backward().call(dy, input, optional_of(weight), mean_.unpack(),
+                                             invstd_.unpack(), r, d, true, mask));
   }
 };
 
 template <const char* NS>
-class EvalFunction : public torch::autograd::Function<EvalFunction<NS>> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, const Tensor& running_mean,
-                               const Tensor& running_var, double eps) {
-    at::AutoDispatchBelowAutograd guard;
-    Tensor output = Ops<NS>::forward_eval().call(input, weight, bias, running_mean, running_var,
-                                                 eps);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), running_mean, running_var});
-    ctx->saved_data["has_bias"] = present(bias);
-    ctx->saved_data["eps"] = eps;
-    return {output};
-  }
+struct EvalBackward : public BackwardNode {
+  // Copies of running_mean and 1 / sqrt(running_var + eps) as the forward read them: a training
+  // step may update the buffers in place before this backward runs (an RL actor loss taken
+  // through its critic in eval mode, then a critic step), and the gradient must be that of the
+  // function the forward computed. (nn.BatchNorm reads the updated buffers there.)
+  ag::SavedVariable mean_, invstd_;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(6);
+  std::string name() const override { return "BatchRenormEvalBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto* v : {&input_, &weight_, &mean_, &invstd_}) v->reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const Tensor& dy = grads[0];
-    if (!dy.defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2];
-    const Tensor invstd = at::rsqrt(saved[3] + ctx->saved_data["eps"].toDouble());
-    const auto mask = output_mask(ctx, weight.defined(), ctx->saved_data["has_bias"].toBool());
+    const auto mask = output_mask();
+    if (!dy.defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(3);
+    const Tensor input = input_.unpack(), weight = weight_.unpack(), mean = mean_.unpack(),
+                 invstd = invstd_.unpack();
     if (at::GradMode::is_enabled()) {
-      auto g = composite_eval_backward(dy, input, weight, mean, invstd, mask);
-      out[0] = g[0], out[1] = g[1], out[2] = g[2];
-    } else {
-      auto [gi, gw, gb] = Ops<NS>::backward().call(dy, input, optional_of(weight), mean, invstd,
-                                                   std::nullopt, std::nullopt, false, mask);
-      out[0] = gi.value_or(Tensor()), out[1] = gw.value_or(Tensor()),
-      out[2] = gb.value_or(Tensor());
+      return grads_of(composite_eval_backward(dy, input, weight, mean, invstd, mask));
     }
-    return out;
+    return grads_of(Ops<NS>::backward().call(dy, input, optional_of(weight), mean, invstd,
+                                             std::nullopt, std::nullopt, false, mask));
   }
 };
+
+inline bool has_fw_grad(const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  return ag::isFwGradDefined(input) || ag::isFwGradDefined(weight) ||
+         ag::isFwGradDefined(bias);
+}
+
+// A new node of type N, held by *holder, with its edges and the saved tensors both kinds keep.
+template <typename N>
+N* new_backward_node(NodePtr* holder, const Tensor& input, const OptTensor& weight,
+                     const OptTensor& bias, double eps) {
+  *holder = make_node<N>();
+  auto* node = static_cast<N*>(holder->get());
+  node->set_next_edges(ag::collect_next_edges(input, weight, bias));
+  node->input_ = ag::SavedVariable(input, /*is_output=*/false);
+  node->weight_ = ag::SavedVariable(weight, /*is_output=*/false);
+  node->eps = eps;
+  return node;
+}
 
 template <const char* NS>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
@@ -264,26 +306,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps, double r_max,
     double d_max, int64_t warmup_steps, int64_t r_max_ramp_steps, int64_t d_max_ramp_steps) {
-  // A Python None for a `Tensor` argument arrives undefined; named here, before the autograd
-  // wrapper asks it for its device ("tensor does not have a device").
+  // A Python None for a `Tensor` argument arrives undefined; named here, before anything asks
+  // it for its device ("tensor does not have a device").
   static const std::string op = std::string(NS) + "::forward_train";
   check_defined(op.c_str(), "input", input);
-  if (functorch_active()) {
-    // The fused op (below autograd) gives the statistics, r, d and the buffer update; the
-    // output is recomputed differentiably.
-    Tensor output, mean, invstd, r, d;
-    {
-      at::AutoDispatchBelowAutograd guard;
-      std::tie(output, mean, invstd, r, d) = Ops<NS>::forward_train().call(
-          input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-          r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps);
-    }
-    return {composite_train_output(input, weight, bias, r, d, eps), mean, invstd, r, d};
+  const bool composite = functorch_active() || has_fw_grad(input, weight, bias);
+  const bool record = !composite && ag::compute_requires_grad(input, weight, bias);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowAutograd guard;
+    out = Ops<NS>::forward_train().call(input, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, momentum, eps, r_max, d_max,
+                                        warmup_steps, r_max_ramp_steps, d_max_ramp_steps);
   }
-  auto out = TrainFunction<NS>::apply(input, weight, bias, running_mean, running_var,
-                                      num_batches_tracked, momentum, eps, r_max, d_max,
-                                      warmup_steps, r_max_ramp_steps, d_max_ramp_steps);
-  return {out[0], out[1], out[2], out[3], out[4]};
+  bump_counter_version(running_mean, num_batches_tracked);
+  auto& [output, mean, invstd, r, d] = out;
+  if (composite) {
+    // The fused op gave the statistics, r, d and the buffer update; the output is recomputed
+    // in ATen ops, for the transform (or forward AD) to differentiate.
+    output = composite_train_output(input, weight, bias, r, d, eps);
+  } else if (record) {
+    NodePtr holder;
+    auto* node = new_backward_node<TrainBackward<NS>>(&holder, input, weight, bias, eps);
+    node->mean_ = ag::SavedVariable(mean, /*is_output=*/false);
+    node->invstd_ = ag::SavedVariable(invstd, /*is_output=*/false);
+    node->r_ = ag::SavedVariable(r, /*is_output=*/false);
+    node->d_ = ag::SavedVariable(d, /*is_output=*/false);
+    ag::set_history(output, holder);  // mean, invstd, r and d stay non-differentiable
+  }
+  return out;
 }
 
 template <const char* NS>
@@ -293,10 +344,22 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   check_defined(op.c_str(), "input", input);
   check_defined(op.c_str(), "running_mean", running_mean);
   check_defined(op.c_str(), "running_var", running_var);
-  if (functorch_active()) {
+  if (functorch_active() || has_fw_grad(input, weight, bias)) {
     return composite_eval_output(input, weight, bias, running_mean, running_var, eps);
   }
-  return EvalFunction<NS>::apply(input, weight, bias, running_mean, running_var, eps)[0];
+  Tensor output;
+  {
+    at::AutoDispatchBelowAutograd guard;
+    output = Ops<NS>::forward_eval().call(input, weight, bias, running_mean, running_var, eps);
+  }
+  if (ag::compute_requires_grad(input, weight, bias)) {
+    NodePtr holder;
+    auto* node = new_backward_node<EvalBackward<NS>>(&holder, input, weight, bias, eps);
+    node->mean_ = ag::SavedVariable(running_mean.clone(), /*is_output=*/false);
+    node->invstd_ = ag::SavedVariable(at::rsqrt(running_var + eps), /*is_output=*/false);
+    ag::set_history(output, holder);
+  }
+  return output;
 }
 
 // TORCH_LIBRARY_IMPL(<NS>, Autograd, m) { autograd::register_kernels<kNamespace>(m); }

@@ -541,35 +541,47 @@ def test_over_2_31_elements(fmt, backend):
     assert_close(dx[tail], expected_dx.half(), **tolerance(torch.float16))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x, w: ops.forward_eval(x, w[:3], None, w, w, 1e-5), r"weight must have shape \(C,\) = \(4,\)"),
-    (lambda x, w: ops.forward_eval(x, w.double(), None, w, w, 1e-5), "weight must be Float"),
-    (lambda x, w: ops.forward_eval(x, w.cpu(), None, w, w, 1e-5), "weight is on cpu"),
-    (lambda x, w: ops.forward_eval(x[0, 0, 0], None, None, w, w, 1e-5), "rank >= 2"),
-    (lambda x, w: ops.forward_eval(x.int(), None, None, w, w, 1e-5), "input must be float32"),
+# The exception types and words of the Python API (batchrenorm_checks.h): ValueError for a
+# shape or a range, TypeError for a dtype, RuntimeError for a device.
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w: ops.forward_eval(x, w[:3], None, w, w, 1e-5), ValueError,
+     r"weight must have shape \(C,\) = \(4,\), got \(3,\)"),
+    (lambda x, w: ops.forward_eval(x, w.double(), None, w, w, 1e-5), TypeError,
+     "weight must be torch.float32 for torch.float32 input, got torch.float64"),
+    (lambda x, w: ops.forward_eval(x, w.cpu(), None, w, w, 1e-5), RuntimeError, "weight is on cpu"),
+    (lambda x, w: ops.forward_eval(x[0, 0, 0], None, None, w, w, 1e-5), ValueError,
+     r"rank >= 2, got shape \(3,\)"),
+    (lambda x, w: ops.forward_eval(x.int(), None, None, w, w, 1e-5), TypeError,
+     "input must be float32, float64, float16 or bfloat16, got torch.int32"),
+    (lambda x, w: ops.forward_eval(x, None, None, w, w, 0.0), ValueError, "eps must be > 0"),
     (lambda x, w: ops.forward_train(x, None, None, w.clone(), None, None, 0.1, 1e-5, 3.0, 5.0,
-                                    0, 0, 0), "both be tensors or both be None"),
+                                    0, 0, 0), ValueError, "both be tensors or both be None"),
     (lambda x, w: ops.forward_train(x[:1, :, :1, :1], None, None, None, None, None, 0.1, 1e-5,
-                                    3.0, 5.0, 0, 0, 0), "more than 1 value per channel"),
+                                    3.0, 5.0, 0, 0, 0), ValueError,
+     r"Expected more than 1 value per channel when training, got input size \(1, 4, 1, 1\)"),
     (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), None, None, 1e-5,
-                                    3.0, 5.0, 0, 0, 0), "momentum=None"),
+                                    3.0, 5.0, 0, 0, 0), ValueError, "momentum=None"),
     (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), torch.tensor(0), 0.1,
-                                    1e-5, 3.0, 5.0, 0, 0, 0), "num_batches_tracked must be"),
+                                    1e-5, 3.0, 5.0, 0, 0, 0), RuntimeError,
+     "num_batches_tracked is on cpu"),
     (lambda x, w: ops.backward(x[:1], x, None, w, w, None, None, True, [True, True, True]),
-     "grad_output must have the input's shape"),
-    (lambda x, w: ops.normalize(x, w, w[:2]), r"shift must have shape \(C,\)"),
+     ValueError, "grad_output must have the input's shape"),
+    (lambda x, w: ops.normalize(x, w, w[:2]), ValueError, r"shift must have shape \(C,\)"),
     (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), None, float("nan"), 1e-5,
-                                    3.0, 5.0, 0, 0, 0), r"momentum must be in \[0, 1\]"),
+                                    3.0, 5.0, 0, 0, 0), ValueError, r"momentum must be in \[0, 1\]"),
+    (lambda x, w: ops.forward_train(x, None, None, w.clone(), w.clone(), None, 0.1, 1e-5, 0.5,
+                                    5.0, 0, 0, 0), ValueError, "r_max must be >= 1"),
     (lambda x, w: ops.forward_train(x, None, None, None, None,
                                     torch.tensor(1.0, device=x.device), 0.1, 1e-5, 3.0, 5.0,
-                                    0, 0, 0), "num_batches_tracked must be an int64 scalar"),
+                                    0, 0, 0), TypeError,
+     r"num_batches_tracked must be an int64 scalar tensor, got torch.float32 of shape \(\)"),
 ])
-def test_op_argument_checks(call, match, backend):
-    if backend != "cuda" and match in ("weight is on cpu", "num_batches_tracked must be"):
+def test_op_argument_checks(call, error, match, backend):
+    if backend != "cuda" and match in ("weight is on cpu", "num_batches_tracked is on cpu"):
         pytest.skip("a device mismatch needs two devices")
     x = torch.randn(2, 4, 3, 3, device=DEV)
     w = torch.rand(4, device=DEV) + 0.5
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(error, match=match):
         call(x, w)
 
 

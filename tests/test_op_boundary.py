@@ -53,17 +53,17 @@ def test_meta_tensors_alone_infer_shapes():
 def test_none_for_a_required_tensor_names_it():
     # Was "tensor does not have a device", naming nothing.
     x = torch.randn(3, 4, 5)
-    with pytest.raises(RuntimeError, match="scale must be a Tensor, got None"):
+    with pytest.raises(TypeError, match="scale must be a Tensor, got None"):
         ops.normalize(x, None, torch.zeros(4))
-    with pytest.raises(RuntimeError, match="mean must be a Tensor, got None"):
+    with pytest.raises(TypeError, match="mean must be a Tensor, got None"):
         ops.backward_reduce(torch.randn_like(x), x, None, torch.ones(4))
     # forward_train / forward_eval: checked in their C++ autograd kernel, which runs first.
-    with pytest.raises(RuntimeError, match="forward_train: input must be a Tensor, got None"):
+    with pytest.raises(TypeError, match="forward_train: input must be a Tensor, got None"):
         ops.forward_train(None, None, None, None, None, None, 0.1, 1e-5, 3.0, 5.0, 0, 0, 0)
     for name, args in (("input", (None, torch.zeros(4), torch.ones(4))),
                        ("running_mean", (x, None, torch.ones(4))),
                        ("running_var", (x, torch.zeros(4), None))):
-        with pytest.raises(RuntimeError, match=f"forward_eval: {name} must be a Tensor, got None"):
+        with pytest.raises(TypeError, match=f"forward_eval: {name} must be a Tensor, got None"):
             ops.forward_eval(args[0], None, None, args[1], args[2], 1e-5)
 
 

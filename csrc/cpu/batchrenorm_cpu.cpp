@@ -73,25 +73,26 @@ Tensor match_layout(const Tensor& dy, const Layout& g) { return dy.contiguous(g.
 // ---------------------------------------------------------------------------------------------
 // Per-channel values (argument checks: batchrenorm_checks.h, shared with the CUDA glue).
 
-// A per-channel tensor as a contiguous vector of doubles (`fill` when absent).
+// A per-channel tensor read in place (a strided one through a contiguous copy), or a constant
+// when it is absent: no staging copy per call.
 template <typename acc_t>
-std::vector<double> channel_values(const std::optional<Tensor>& t, int64_t C, double fill) {
-  std::vector<double> out(C, fill);
-  if (!present(t)) return out;
-  const Tensor c = t->contiguous();
-  const acc_t* p = c.data_ptr<acc_t>();
-  for (int64_t i = 0; i < C; ++i) out[i] = static_cast<double>(p[i]);
-  return out;
-}
+class ChannelView {
+ public:
+  ChannelView(const std::optional<Tensor>& t, double fill) : fill_(static_cast<acc_t>(fill)) {
+    if (present(t)) {
+      keep_ = t->contiguous();
+      p_ = keep_.data_ptr<acc_t>();
+    }
+  }
+  ChannelView(const Tensor& t, double fill) : ChannelView(std::optional<Tensor>(t), fill) {}
+  acc_t operator[](int64_t c) const { return p_ != nullptr ? p_[c] : fill_; }
+  const acc_t* data() const { return p_; }
 
-template <typename acc_t>
-Tensor to_tensor(const std::vector<double>& v, const Tensor& like) {
-  Tensor t = at::empty({static_cast<int64_t>(v.size())},
-                       like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* p = t.data_ptr<acc_t>();
-  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<acc_t>(v[i]);
-  return t;
-}
+ private:
+  Tensor keep_;
+  const acc_t* p_ = nullptr;
+  acc_t fill_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Run-time choice of the kernels' instruction set.
@@ -127,30 +128,30 @@ std::vector<Moments> channel_moments(const Tensor& x, const Geometry& g) {
 
 template <typename scalar_t, bool kCentre>
 std::vector<GradSums> channel_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g,
-                                        const std::vector<double>& mean) {
-  using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> m(mean.begin(), mean.end());
+                                        const acc_type<scalar_t>* mean) {
   std::vector<GradSums> out(g.C);
   const scalar_t* pg = dy.data_ptr<scalar_t>();
   const scalar_t* px = x.data_ptr<scalar_t>();
-  BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre>(pg, px, g, m.data(), out.data()));
+  BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre>(pg, px, g, mean, out.data()));
   return out;
 }
 
 template <typename acc_t>
-struct CoeffArrays {  // per channel, in acc_t
-  std::vector<acc_t> m, a, b, k;
+struct CoeffArrays {  // per channel, in acc_t: m, a, b, k of Form, in one allocation
+  std::vector<acc_t> storage;
+  acc_t *m, *a, *b, *k;
   // kGrad: every channel has |m * invstd| <= 16, so the centre may be folded into k (set by
   // the caller, which knows invstd).
   bool fold_grad = false;
-  explicit CoeffArrays(int64_t C) : m(C, 0), a(C, 0), b(C, 0), k(C, 0) {}
+  explicit CoeffArrays(int64_t C)
+      : storage(4 * C, acc_t(0)), m(storage.data()), a(m + C), b(a + C), k(b + C) {}
 };
 
 template <typename scalar_t, Form kForm>
 void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Geometry& g,
                  const CoeffArrays<acc_type<scalar_t>>& co) {
   using acc_t = acc_type<scalar_t>;
-  Coeffs<acc_t> c{co.m.data(), co.a.data(), co.b.data(), co.k.data()};
+  Coeffs<acc_t> c{co.m, co.a, co.b, co.k};
   // rows layout, affine pass: when every channel is well conditioned (|m * a| <= 16, so x * a
   // stays within 16 of the output's own scale and the fold costs at most ~1e-6 absolute), fold
   // the centre into the shift, y = x * a + (b - m * a), and the loop loads two coefficient
@@ -208,19 +209,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   Layout g;
   const Tensor x = canonical(input, &g);
   const int64_t count = g.count();
-  TORCH_CHECK(count > 1, op, ": expected more than 1 value per channel when training, got input size ",
-              input.sizes());
+  check_training_count(op, count, input);
   const int64_t C = g.C;
   Tensor output = empty_output(input, g);
-  Tensor save_mean, save_invstd, save_r, save_d;
+  Tensor save_mean = per_channel_empty(input), save_invstd = per_channel_empty(input);
+  Tensor save_r = per_channel_empty(input), save_d = per_channel_empty(input);
+  // The counter is a CPU scalar: read and advanced through its pointer, not by item() and add_()
+  // (two more dispatcher calls per step; the autograd kernel bumps the buffers' versions).
+  int64_t* step_ptr = has_step ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  const int64_t step = has_step ? *step_ptr : 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_forward_train_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const std::vector<Moments> mom = channel_moments<scalar_t>(x, g);
-    const std::vector<double> w = channel_values<acc_t>(weight, C, 1.0);
-    const std::vector<double> b = channel_values<acc_t>(bias, C, 0.0);
+    const ChannelView<acc_t> w(weight, 1.0), b(bias, 0.0);
 
-    const int64_t step = has_step ? num_batches_tracked->item<int64_t>() : 0;
     const RenormSchedule schedule{r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps};
     double rmax_d = 1.0, dmax_d = 0.0;
     clip_bounds(schedule, has_step, step, &rmax_d, &dmax_d);
@@ -238,10 +241,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
       prm = rm.data_ptr<acc_t>();
       prv = rv.data_ptr<acc_t>();
     }
+    acc_t* s_mean = save_mean.data_ptr<acc_t>();
+    acc_t* s_invstd = save_invstd.data_ptr<acc_t>();
+    acc_t* s_r = save_r.data_ptr<acc_t>();
+    acc_t* s_d = save_d.data_ptr<acc_t>();
     CoeffArrays<acc_t> co(C);
-    std::vector<double> vmean(C), vinvstd(C), vr(C), vd(C);
     for (int64_t c = 0; c < C; ++c) {
       const double mean = mom[c].mean;
+      const double wc = static_cast<double>(w[c]), bc = static_cast<double>(b[c]);
       // M2 is merged in double here, but the policy (finite_stats) is that of a float M2, as
       // the CUDA kernels and the reference have it: a variance is usable only if M2 is finite
       // in acc_t.
@@ -250,8 +257,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
       const acc_t mean_a = static_cast<acc_t>(mean), var_a = static_cast<acc_t>(var);
       ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
           mean_a, var_a, static_cast<acc_t>(eps), has_running, has_running ? prm[c] : acc_t(0),
-          has_running ? prv[c] : acc_t(1), rmax, dmax, static_cast<acc_t>(w[c]),
-          static_cast<acc_t>(b[c]));
+          has_running ? prv[c] : acc_t(1), rmax, dmax, w[c], b[c]);
       if (has_running && finite_stats(mean_a, var_a)) {
         // d from the float64 mean: mean_a's rounding (1e-4 near 3000 in float) is a large part
         // of sigma when |mean| >> std, and d divides by sigma.
@@ -266,13 +272,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
       co.m[c] = mean_a;
       co.a[c] = k.scale;
       co.b[c] = static_cast<acc_t>(
-          b[c] + w[c] * (static_cast<double>(k.d) -
-                         static_cast<double>(k.r) * static_cast<double>(k.invstd) *
-                             (mean - static_cast<double>(mean_a))));
-      vmean[c] = mean_a;
-      vinvstd[c] = k.invstd;
-      vr[c] = k.r;
-      vd[c] = k.d;
+          bc + wc * (static_cast<double>(k.d) -
+                     static_cast<double>(k.r) * static_cast<double>(k.invstd) *
+                         (mean - static_cast<double>(mean_a))));
+      s_mean[c] = mean_a;
+      s_invstd[c] = k.invstd;
+      s_r[c] = k.r;
+      s_d[c] = k.d;
       if (has_running) update_running<acc_t>(mean_a, var_a, count, factor, prm + c, prv + c);
     }
     elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), g, co);
@@ -280,13 +286,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
       if (!running_mean->is_same(rm)) running_mean->copy_(rm);
       if (!running_var->is_same(rv)) running_var->copy_(rv);
     }
-    save_mean = to_tensor<acc_t>(vmean, input);
-    save_invstd = to_tensor<acc_t>(vinvstd, input);
-    save_r = to_tensor<acc_t>(vr, input);
-    save_d = to_tensor<acc_t>(vd, input);
   });
   // The counter advances with the running statistics (as nn.BatchNorm's exists only with them).
-  if (has_step && has_running) num_batches_tracked->add_(1);
+  if (has_step && has_running) ++*step_ptr;
   return {output, save_mean, save_invstd, save_r, save_d};
 }
 
@@ -294,29 +296,22 @@ Tensor forward_eval(const Tensor& input, const std::optional<Tensor>& weight,
                     const std::optional<Tensor>& bias, const Tensor& running_mean,
                     const Tensor& running_var, double eps) {
   constexpr const char* op = "batchrenorm::forward_eval";
-  check_input(op, input, kDevice);
-  check_per_channel(op, "weight", weight, input);
-  check_per_channel(op, "bias", bias, input);
-  check_per_channel(op, "running_mean", running_mean, input);
-  check_per_channel(op, "running_var", running_var, input);
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  check_forward_eval(op, input, kDevice, weight, bias, running_mean, running_var, eps);
   Layout g;
   const Tensor x = canonical(input, &g);
   Tensor output = empty_output(input, g);
   const int64_t C = g.C;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_forward_eval_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const std::vector<double> w = channel_values<acc_t>(weight, C, 1.0);
-    const std::vector<double> b = channel_values<acc_t>(bias, C, 0.0);
-    const std::vector<double> rm = channel_values<acc_t>(running_mean, C, 0.0);
-    const std::vector<double> rv = channel_values<acc_t>(running_var, C, 1.0);
+    const ChannelView<acc_t> w(weight, 1.0), b(bias, 0.0), rm(running_mean, 0.0),
+        rv(running_var, 1.0);
     CoeffArrays<acc_t> co(C);
     for (int64_t c = 0; c < C; ++c) {
       // As the reference: invstd in acc_t, then (x - mean) * invstd * weight + bias.
-      const acc_t invstd = acc_t(1) / std::sqrt(static_cast<acc_t>(rv[c]) + static_cast<acc_t>(eps));
-      co.m[c] = static_cast<acc_t>(rm[c]);
-      co.a[c] = invstd * static_cast<acc_t>(w[c]);
-      co.b[c] = static_cast<acc_t>(b[c]);
+      const acc_t invstd = acc_t(1) / std::sqrt(rv[c] + static_cast<acc_t>(eps));
+      co.m[c] = rm[c];
+      co.a[c] = invstd * w[c];
+      co.b[c] = b[c];
     }
     elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), g, co);
   });
@@ -347,52 +342,55 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
   const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && batch_stats);
   Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) grad_input = empty_output(input, g);
+  if (output_mask[1]) grad_weight = per_channel_empty(input);
+  if (output_mask[2]) grad_bias = per_channel_empty(input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const std::vector<double> w = channel_values<acc_t>(weight, C, 1.0);
-    const std::vector<double> vm = channel_values<acc_t>(mean, C, 0.0);
-    const std::vector<double> vi = channel_values<acc_t>(invstd, C, 1.0);
-    const std::vector<double> vr = channel_values<acc_t>(r, C, 1.0);
-    const std::vector<double> vd = channel_values<acc_t>(d, C, 0.0);
+    const ChannelView<acc_t> w(weight, 1.0), vm(mean, 0.0), vi(invstd, 1.0), vr(r, 1.0),
+        vd(d, 0.0);
     std::vector<GradSums> sums;
     if (need_sums) {
       // With the batch's own statistics, sum(x - mean) recovers the float64 mean's residue
       // that the saved (rounded) mean lost: mean_true = mean + sum(x - mean) / count.
-      sums = batch_stats ? channel_grad_sums<scalar_t, true>(dy, x, g, vm)
-                         : channel_grad_sums<scalar_t, false>(dy, x, g, vm);
+      sums = batch_stats ? channel_grad_sums<scalar_t, true>(dy, x, g, vm.data())
+                         : channel_grad_sums<scalar_t, false>(dy, x, g, vm.data());
     }
+    // Per channel: sum(dy * xhat) and the mean's residue, in float64.
     std::vector<double> sum_dy_xhat(C, 0.0), residue(C, 0.0);
     if (need_sums) {
       for (int64_t c = 0; c < C; ++c) {
         residue[c] = batch_stats && count > 0 ? sums[c].xc / count : 0.0;
-        sum_dy_xhat[c] = vi[c] * (sums[c].dy_xc - residue[c] * sums[c].dy);
+        sum_dy_xhat[c] = static_cast<double>(vi[c]) * (sums[c].dy_xc - residue[c] * sums[c].dy);
       }
     }
     if (output_mask[1]) {
-      std::vector<double> gw(C);
-      for (int64_t c = 0; c < C; ++c) gw[c] = vr[c] * sum_dy_xhat[c] + vd[c] * sums[c].dy;
-      grad_weight = to_tensor<acc_t>(gw, mean);
+      acc_t* gw = grad_weight.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c)
+        gw[c] = static_cast<acc_t>(static_cast<double>(vr[c]) * sum_dy_xhat[c] +
+                                   static_cast<double>(vd[c]) * sums[c].dy);
     }
     if (output_mask[2]) {
-      std::vector<double> gb(C);
-      for (int64_t c = 0; c < C; ++c) gb[c] = sums[c].dy;
-      grad_bias = to_tensor<acc_t>(gb, mean);
+      acc_t* gb = grad_bias.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<acc_t>(sums[c].dy);
     }
     if (output_mask[0]) {
       CoeffArrays<acc_t> co(C);
       co.fold_grad = true;
-      for (int64_t c = 0; c < C; ++c) co.fold_grad = co.fold_grad && std::abs(vm[c] * vi[c]) <= 16.0;
+      for (int64_t c = 0; c < C; ++c)
+        co.fold_grad = co.fold_grad &&
+                       std::abs(static_cast<double>(vm[c]) * static_cast<double>(vi[c])) <= 16.0;
       for (int64_t c = 0; c < C; ++c) {
-        const double k = w[c] * vr[c] * vi[c];
+        const double inv = static_cast<double>(vi[c]);
+        const double k = static_cast<double>(w[c]) * static_cast<double>(vr[c]) * inv;
         co.a[c] = static_cast<acc_t>(k);
         if (batch_stats && count > 0) {
           // dx = k * (dy - mean_dy - xhat * mean_dy_xhat), xhat = (x - mean - residue) * invstd
           const double mean_dy = sums[c].dy / count;
           const double mean_dy_xhat = sum_dy_xhat[c] / count;
-          co.m[c] = static_cast<acc_t>(vm[c]);
-          co.b[c] = static_cast<acc_t>(-k * vi[c] * mean_dy_xhat);
-          co.k[c] = static_cast<acc_t>(-k * mean_dy + k * vi[c] * mean_dy_xhat * residue[c]);
+          co.m[c] = vm[c];
+          co.b[c] = static_cast<acc_t>(-k * inv * mean_dy_xhat);
+          co.k[c] = static_cast<acc_t>(-k * mean_dy + k * inv * mean_dy_xhat * residue[c]);
         }
       }
       if (batch_stats)
@@ -410,19 +408,18 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   check_input(op, input, kDevice);
   Layout g;
   const Tensor x = canonical(input, &g);
-  TORCH_CHECK(g.count() > 0, op, ": expected at least 1 value per channel, got input size ",
-              input.sizes());
-  Tensor mean, m2;
+  TORCH_CHECK_VALUE(g.count() > 0, op, ": expected at least 1 value per channel, got input size ",
+                    py_shape(input.sizes()));
+  Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_batch_stats_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const std::vector<Moments> mom = channel_moments<scalar_t>(x, g);
-    std::vector<double> vm(g.C), v2(g.C);
+    acc_t* pm = mean.data_ptr<acc_t>();
+    acc_t* p2 = m2.data_ptr<acc_t>();
     for (int64_t c = 0; c < g.C; ++c) {
-      vm[c] = mom[c].mean;
-      v2[c] = mom[c].m2;
+      pm[c] = static_cast<acc_t>(mom[c].mean);
+      p2[c] = static_cast<acc_t>(mom[c].m2);
     }
-    mean = to_tensor<acc_t>(vm, input);
-    m2 = to_tensor<acc_t>(v2, input);
   });
   return {mean, m2};
 }
@@ -437,12 +434,11 @@ Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) 
   Tensor output = empty_output(input, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_normalize_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const std::vector<double> a = channel_values<acc_t>(scale, g.C, 1.0);
-    const std::vector<double> b = channel_values<acc_t>(shift, g.C, 0.0);
+    const ChannelView<acc_t> a(scale, 1.0), b(shift, 0.0);
     CoeffArrays<acc_t> co(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
-      co.a[c] = static_cast<acc_t>(a[c]);
-      co.b[c] = static_cast<acc_t>(b[c]);
+      co.a[c] = a[c];
+      co.b[c] = b[c];
     }
     elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), g, co);
   });
@@ -459,19 +455,17 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tens
   Layout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
-  Tensor sum_dy, sum_dy_xhat;
+  Tensor sum_dy = per_channel_empty(input), sum_dy_xhat = per_channel_empty(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_backward_reduce_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const std::vector<double> vm = channel_values<acc_t>(mean, g.C, 0.0);
-    const std::vector<double> vi = channel_values<acc_t>(invstd, g.C, 1.0);
-    const std::vector<GradSums> sums = channel_grad_sums<scalar_t, false>(dy, x, g, vm);
-    std::vector<double> s0(g.C), s1(g.C);
+    const ChannelView<acc_t> vm(mean, 0.0), vi(invstd, 1.0);
+    const std::vector<GradSums> sums = channel_grad_sums<scalar_t, false>(dy, x, g, vm.data());
+    acc_t* s0 = sum_dy.data_ptr<acc_t>();
+    acc_t* s1 = sum_dy_xhat.data_ptr<acc_t>();
     for (int64_t c = 0; c < g.C; ++c) {
-      s0[c] = sums[c].dy;
-      s1[c] = vi[c] * sums[c].dy_xc;
+      s0[c] = static_cast<acc_t>(sums[c].dy);
+      s1[c] = static_cast<acc_t>(static_cast<double>(vi[c]) * sums[c].dy_xc);
     }
-    sum_dy = to_tensor<acc_t>(s0, mean);
-    sum_dy_xhat = to_tensor<acc_t>(s1, mean);
   });
   return {sum_dy, sum_dy_xhat};
 }
@@ -493,17 +487,15 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
   Tensor grad_input = empty_output(input, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_backward_input_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const std::vector<double> vm = channel_values<acc_t>(mean, g.C, 0.0);
-    const std::vector<double> vi = channel_values<acc_t>(invstd, g.C, 1.0);
-    const std::vector<double> vs = channel_values<acc_t>(scale, g.C, 1.0);
-    const std::vector<double> md = channel_values<acc_t>(mean_dy, g.C, 0.0);
-    const std::vector<double> mdx = channel_values<acc_t>(mean_dy_xhat, g.C, 0.0);
+    const ChannelView<acc_t> vm(mean, 0.0), vi(invstd, 1.0), vs(scale, 1.0), md(mean_dy, 0.0),
+        mdx(mean_dy_xhat, 0.0);
     CoeffArrays<acc_t> co(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
-      co.m[c] = static_cast<acc_t>(vm[c]);
-      co.a[c] = static_cast<acc_t>(vs[c]);
-      co.b[c] = static_cast<acc_t>(-vs[c] * vi[c] * mdx[c]);
-      co.k[c] = static_cast<acc_t>(-vs[c] * md[c]);
+      const double s = static_cast<double>(vs[c]);
+      co.m[c] = vm[c];
+      co.a[c] = vs[c];
+      co.b[c] = static_cast<acc_t>(-s * static_cast<double>(vi[c]) * static_cast<double>(mdx[c]));
+      co.k[c] = static_cast<acc_t>(-s * static_cast<double>(md[c]));
     }
     elementwise<scalar_t, Form::kGrad>(grad_input, x, dy, g, co);
   });

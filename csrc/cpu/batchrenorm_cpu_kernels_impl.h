@@ -316,6 +316,11 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
   const int64_t ncb = (C + cblock - 1) / cblock;
   std::vector<Slot<GradSums>> partial(nrb * C);
   at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
+    // Local copies: the accumulator stores below are may_alias (see elementwise), and would
+    // make the compiler reload pointers it reached through the lambda's references.
+    const scalar_t* const px_ = px;
+    const scalar_t* const pg_ = pg;
+    const acc_t* const m_ = m;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t rb = item / ncb, cb = item % ncb;
       const int64_t c0 = cb * cblock, c1 = std::min(C, c0 + cblock);
@@ -332,12 +337,12 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
           aVec(acc_t(0)).store(acc.data() + (3 * j + 2) * V);
         }
         for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* p = px + r * C + c0;
-          const scalar_t* q = pg + r * C + c0;
+          const scalar_t* p = px_ + r * C + c0;
+          const scalar_t* q = pg_ + r * C + c0;
           acc_t* A = acc.data();
           for (int64_t j = 0; j < nvec; ++j, A += 3 * V) {
             const aVec gv = load_acc(q + j * V);
-            const aVec xc = load_acc(p + j * V) - aVec::loadu(m + c0 + j * V);
+            const aVec xc = load_acc(p + j * V) - aVec::loadu(m_ + c0 + j * V);
             (aVec::loadu(A) + gv).store(A);
             at::vec::fmadd(gv, xc, aVec::loadu(A + V)).store(A + V);
             if constexpr (kCentre) (aVec::loadu(A + 2 * V) + xc).store(A + 2 * V);
@@ -355,8 +360,8 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
         for (int64_t c = c0 + nvec * V; c < c1; ++c) {
           acc_t s0 = 0, s1 = 0, s2 = 0;
           for (int64_t r = r0; r < r1; ++r) {
-            const acc_t gv = static_cast<acc_t>(pg[r * C + c]);
-            const acc_t xc = static_cast<acc_t>(px[r * C + c]) - m[c];
+            const acc_t gv = static_cast<acc_t>(pg_[r * C + c]);
+            const acc_t xc = static_cast<acc_t>(px_[r * C + c]) - m_[c];
             s0 += gv;
             s1 += gv * xc;
             if constexpr (kCentre) s2 += xc;
@@ -374,110 +379,111 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
 
 // ---------------------------------------------------------------------------------------------
 // Elementwise passes (see Form): one read of each input and one write.
+//
+// The loops take their pointers as plain function arguments, never through a lambda's captured
+// references: at::vec's stores are may_alias, so a store through `out` could change a captured
+// pointer as far as the compiler knows, and it reloaded every pointer after every store (the
+// loop ran at half speed).
 
 constexpr int64_t kElementGrain = 16384;
+
+// One vector of values from index i, with the coefficient vectors of its channels.
+template <typename scalar_t, Form kForm>
+inline void elementwise_vec(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
+                            const Vectorized<acc_type<scalar_t>>& m,
+                            const Vectorized<acc_type<scalar_t>>& a,
+                            const Vectorized<acc_type<scalar_t>>& b,
+                            const Vectorized<acc_type<scalar_t>>& k) {
+  Vectorized<acc_type<scalar_t>> v;
+  if constexpr (kForm == Form::kAffine) {
+    v = at::vec::fmadd(load_acc(px + i) - m, a, b);
+  } else if constexpr (kForm == Form::kGrad) {
+    v = at::vec::fmadd(load_acc(pg + i), a, at::vec::fmadd(load_acc(px + i) - m, b, k));
+  } else {
+    v = load_acc(pg + i) * a;
+  }
+  store_acc(po + i, v);
+}
+
+// One value (the scalar tails), with its channel's coefficients.
+template <typename scalar_t, Form kForm>
+inline void elementwise_one(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
+                            acc_type<scalar_t> m, acc_type<scalar_t> a, acc_type<scalar_t> b,
+                            acc_type<scalar_t> k) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t v;
+  if constexpr (kForm == Form::kAffine) {
+    v = (static_cast<acc_t>(px[i]) - m) * a + b;
+  } else if constexpr (kForm == Form::kGrad) {
+    v = static_cast<acc_t>(pg[i]) * a + (static_cast<acc_t>(px[i]) - m) * b + k;
+  } else {
+    v = static_cast<acc_t>(pg[i]) * a;
+  }
+  po[i] = static_cast<scalar_t>(v);
+}
+
+// planes layout: runs of S values share one channel's coefficients; values [begin, end).
+template <typename scalar_t, Form kForm>
+void elementwise_planes(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t C,
+                        int64_t S, Coeffs<acc_type<scalar_t>> co, int64_t begin, int64_t end) {
+  using aVec = Vectorized<acc_type<scalar_t>>;
+  constexpr int64_t V = aVec::size();
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t run = i / S;
+    const int64_t c = run % C;
+    const int64_t stop = std::min(end, (run + 1) * S);
+    const aVec m(co.m[c]), a(co.a[c]), b(co.b[c]), k(co.k[c]);
+    for (; i + V <= stop; i += V) elementwise_vec<scalar_t, kForm>(po, px, pg, i, m, a, b, k);
+    for (; i < stop; ++i)
+      elementwise_one<scalar_t, kForm>(po, px, pg, i, co.m[c], co.a[c], co.b[c], co.k[c]);
+  }
+}
+
+// rows layout: rows [begin, end) of C channels. Uncentred (co.m == nullptr, the caller checked
+// the conditioning): kAffine is y = x * a + b, kGrad is dx = dy * a + x * b + k.
+template <typename scalar_t, Form kForm, bool kCentred>
+void elementwise_rows(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t C,
+                      Coeffs<acc_type<scalar_t>> co, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t V = aVec::size();
+  const int64_t nvec = C / V;
+  const aVec zero(acc_t(0));
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t base = r * C;
+    for (int64_t j = 0; j < nvec; ++j) {
+      const int64_t c = j * V;
+      const aVec m = kCentred ? aVec::loadu(co.m + c) : zero;
+      const aVec k = kForm == Form::kGrad ? aVec::loadu(co.k + c) : zero;
+      const aVec b = kForm == Form::kScale ? zero : aVec::loadu(co.b + c);
+      elementwise_vec<scalar_t, kForm>(po, px, pg, base + c, m, aVec::loadu(co.a + c), b, k);
+    }
+    for (int64_t c = nvec * V; c < C; ++c)
+      elementwise_one<scalar_t, kForm>(po, px, pg, base + c, kCentred ? co.m[c] : acc_t(0),
+                                       co.a[c], kForm == Form::kScale ? acc_t(0) : co.b[c],
+                                       kForm == Form::kGrad ? co.k[c] : acc_t(0));
+  }
+}
 
 template <typename scalar_t, Form kForm>
 void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const Geometry& g,
                  const Coeffs<acc_type<scalar_t>>& co) {
-  using acc_t = acc_type<scalar_t>;
-  using aVec = Vectorized<acc_t>;
-  constexpr int64_t V = aVec::size();
-  const int64_t C = g.C, numel = g.N * g.C * g.S;
+  const int64_t C = g.C, S = g.S, numel = g.N * g.C * g.S;
   if (numel == 0) return;
-
-  // One value: the scalar tails.
-  auto one = [&](int64_t i, int64_t c) {
-    acc_t v;
-    if constexpr (kForm == Form::kAffine) {
-      v = (static_cast<acc_t>(px[i]) - co.m[c]) * co.a[c] + co.b[c];
-    } else if constexpr (kForm == Form::kGrad) {
-      v = static_cast<acc_t>(pg[i]) * co.a[c] + (static_cast<acc_t>(px[i]) - co.m[c]) * co.b[c] +
-          co.k[c];
-    } else {
-      v = static_cast<acc_t>(pg[i]) * co.a[c];
-    }
-    po[i] = static_cast<scalar_t>(v);
-  };
-  auto vec = [&](int64_t i, const aVec& m, const aVec& a, const aVec& b, const aVec& k) {
-    aVec v;
-    if constexpr (kForm == Form::kAffine) {
-      v = at::vec::fmadd(load_acc(px + i) - m, a, b);
-    } else if constexpr (kForm == Form::kGrad) {
-      v = at::vec::fmadd(load_acc(pg + i), a, at::vec::fmadd(load_acc(px + i) - m, b, k));
-    } else {
-      v = load_acc(pg + i) * a;
-    }
-    store_acc(po + i, v);
-  };
-
   if (!g.rows) {
-    const int64_t S = g.S;
-    at::parallel_for(0, numel, kElementGrain, [&](int64_t begin, int64_t end) {
-      int64_t i = begin;
-      while (i < end) {
-        const int64_t run = i / S;
-        const int64_t c = run % C;
-        const int64_t stop = std::min(end, (run + 1) * S);
-        const aVec m(co.m[c]), a(co.a[c]), b(co.b[c]), k(co.k[c]);
-        for (; i + V <= stop; i += V) vec(i, m, a, b, k);
-        for (; i < stop; ++i) one(i, c);
-      }
+    at::parallel_for(0, numel, kElementGrain, [=](int64_t begin, int64_t end) {
+      elementwise_planes<scalar_t, kForm>(po, px, pg, C, S, co, begin, end);
     });
     return;
   }
-  const int64_t M = g.N * g.S;
-  const int64_t nvec = C / V;
-  if constexpr (kForm == Form::kAffine) {
-    if (co.m == nullptr) {  // uncentred: y = x * a + b (the caller checked the conditioning)
-      at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
-                       [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t base = r * C;
-          for (int64_t j = 0; j < nvec; ++j) {
-            const int64_t c = j * V;
-            store_acc(po + base + c, at::vec::fmadd(load_acc(px + base + c), aVec::loadu(co.a + c),
-                                                    aVec::loadu(co.b + c)));
-          }
-          for (int64_t c = nvec * V; c < C; ++c)
-            po[base + c] = static_cast<scalar_t>(static_cast<acc_t>(px[base + c]) * co.a[c] + co.b[c]);
-        }
-      });
-      return;
-    }
-  }
-  if constexpr (kForm == Form::kGrad) {
-    if (co.m == nullptr) {  // uncentred: dx = dy * a + x * b + k (the caller checked)
-      at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
-                       [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t base = r * C;
-          for (int64_t j = 0; j < nvec; ++j) {
-            const int64_t c = j * V;
-            const aVec v = at::vec::fmadd(
-                load_acc(pg + base + c), aVec::loadu(co.a + c),
-                at::vec::fmadd(load_acc(px + base + c), aVec::loadu(co.b + c), aVec::loadu(co.k + c)));
-            store_acc(po + base + c, v);
-          }
-          for (int64_t c = nvec * V; c < C; ++c)
-            po[base + c] = static_cast<scalar_t>(static_cast<acc_t>(pg[base + c]) * co.a[c] +
-                                                 (static_cast<acc_t>(px[base + c]) * co.b[c] + co.k[c]));
-        }
-      });
-      return;
-    }
-  }
-  at::parallel_for(0, M, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t base = r * C;
-      for (int64_t j = 0; j < nvec; ++j) {
-        const int64_t c = j * V;
-        vec(base + c, aVec::loadu(co.m + c), aVec::loadu(co.a + c),
-            aVec::loadu(co.b + c), aVec::loadu(co.k + c));
-      }
-      for (int64_t c = nvec * V; c < C; ++c) one(base + c, c);
-    }
+  const int64_t grain = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(C, 1));
+  const bool centred = kForm != Form::kScale && co.m != nullptr;
+  at::parallel_for(0, g.N * g.S, grain, [=](int64_t begin, int64_t end) {
+    if (centred)
+      elementwise_rows<scalar_t, kForm, true>(po, px, pg, C, co, begin, end);
+    else
+      elementwise_rows<scalar_t, kForm, false>(po, px, pg, C, co, begin, end);
   });
 }
 

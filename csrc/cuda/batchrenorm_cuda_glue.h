@@ -80,9 +80,6 @@ inline DType dtype_of(const Tensor& x) {
   TORCH_CHECK(false, "batchrenorm: unsupported input dtype ", x.scalar_type());
 }
 
-inline Tensor per_channel_empty(const Tensor& x) {
-  return at::empty({x.size(1)}, x.options().dtype(stat_type(x)));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Kernel arguments (argument checks: batchrenorm_checks.h, shared with the CPU glue).
@@ -122,9 +119,7 @@ struct Glue {
 
     const typename RT::Guard guard(input.device());
     const Canonical c = canonical(input);
-    TORCH_CHECK(c.layout.N * c.layout.S > 1, op,
-                ": expected more than 1 value per channel when training, got input size ",
-                input.sizes());
+    check_training_count(op, c.layout.N * c.layout.S, input);
     Tensor output = empty_output(input, c);
     Tensor save_mean = per_channel_empty(input), save_invstd = per_channel_empty(input);
     Tensor save_r = per_channel_empty(input), save_d = per_channel_empty(input);
@@ -174,12 +169,7 @@ struct Glue {
                       const std::optional<Tensor>& bias, const Tensor& running_mean,
                       const Tensor& running_var, double eps) {
     constexpr const char* op = "batchrenorm::forward_eval";
-    check_input(op, input, RT::kDevice);
-    check_per_channel(op, "weight", weight, input);
-    check_per_channel(op, "bias", bias, input);
-    check_per_channel(op, "running_mean", running_mean, input);
-    check_per_channel(op, "running_var", running_var, input);
-    TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+    check_forward_eval(op, input, RT::kDevice, weight, bias, running_mean, running_var, eps);
 
     const typename RT::Guard guard(input.device());
     const Canonical c = canonical(input);
@@ -282,8 +272,9 @@ struct Glue {
     check_input(op, input, RT::kDevice);
     const typename RT::Guard guard(input.device());
     const Canonical c = canonical(input);
-    TORCH_CHECK(c.layout.N * c.layout.S > 0, op,
-                ": expected at least 1 value per channel, got input size ", input.sizes());
+    TORCH_CHECK_VALUE(c.layout.N * c.layout.S > 0, op,
+                      ": expected at least 1 value per channel, got input size ",
+                      py_shape(input.sizes()));
     Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
     if (c.layout.C == 0) return {mean, m2};
     BatchStatsArgs a{};
