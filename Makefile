@@ -15,6 +15,9 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 BENCH_ARGS ?=
+# pytest-xdist workers for make test: one per core (the AddressSanitizer run alone takes a few
+# minutes, and the rest goes on beside it).
+TEST_WORKERS ?= auto
 SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
 
 .PHONY: test test-cuda-emulation bench accuracy fuzz build venv clean system-deps
@@ -29,7 +32,7 @@ venv: $(VENV)/.ready
 $(VENV)/.ready:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 pytest hypothesis matplotlib tqdm numpy scikit-learn
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn
 	touch $@
 
 build: $(VENV)/.built
@@ -38,10 +41,10 @@ $(VENV)/.built: $(VENV)/.ready $(SOURCES)
 	touch $@
 
 test: build system-deps
-	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q tests
+	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-cuda-emulation: build system-deps
-	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q -m cuda_emulation tests
+	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m cuda_emulation tests
 
 fuzz: build system-deps
 	$(PY) tests/fuzz_campaign.py --cases 5000 --jobs 2

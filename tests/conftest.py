@@ -38,6 +38,7 @@ def cuda_emulation():
         if os.environ.get("BRN_REQUIRE_CUDA_EMULATION", "0") == "1":
             raise
         pytest.skip(f"CUDA emulation not built: {error}")
+    emulation.schedules_from_environment(module)
     return module
 
 

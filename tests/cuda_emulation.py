@@ -12,6 +12,8 @@ variant of the first, which a process with libasan preloaded picks up through LD
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -61,34 +63,50 @@ def _sources():
     return deps
 
 
+@contextlib.contextmanager
+def _build_lock(out_dir: str):
+    # pytest-xdist workers (make test) build on first use, each in its own process.
+    with open(os.path.join(out_dir, ".build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_library(asan: bool) -> str:
     """libbatchrenorm_cuda_emulation.so: the kernel source as C++ plus the emulator."""
     out_dir = build_dir(asan)
     os.makedirs(out_dir, exist_ok=True)
     lib = os.path.join(out_dir, "libbatchrenorm_cuda_emulation.so")
-    if os.path.exists(lib) and os.path.getmtime(lib) >= max(map(os.path.getmtime, _sources())):
-        return lib
-    flags = ["-std=c++17", "-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror",
-             "-Wno-unknown-pragmas", "-I" + os.path.join(EMU, "include"), "-I" + CSRC,
-             "-I" + EMU, "-isystem", cuda_include(),
-             # As nvcc gets them from torch's BuildExtension: half types without implicit
-             # conversions, so the kernels' explicit ones are what runs.
-             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-    if asan:
-        flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-                  "-fno-sanitize-recover=undefined"]
-    objs = []
-    for src, lang in ((KERNELS, "c++"), (os.path.join(EMU, "selftest_kernels.cu"), "c++"),
-                      (os.path.join(EMU, "emulator.cpp"), "c++")):
-        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-        subprocess.run(["g++", *flags, "-x", lang, "-c", src, "-o", obj], check=True)
-        objs.append(obj)
-    tmp = lib + ".tmp"
-    subprocess.run(["g++", "-shared", *(["-fsanitize=address,undefined"] if asan else []),
-                    *objs, "-o", tmp, "-lboost_fiber", "-lboost_context", "-ldl", "-pthread"],
-                   check=True)
-    os.replace(tmp, lib)
+    with _build_lock(out_dir):
+        if os.path.exists(lib) and os.path.getmtime(lib) >= max(map(os.path.getmtime, _sources())):
+            return lib
+        flags = ["-std=c++17", "-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror",
+                 "-Wno-unknown-pragmas", "-I" + os.path.join(EMU, "include"), "-I" + CSRC,
+                 "-I" + EMU, "-isystem", cuda_include(),
+                 # As nvcc gets them from torch's BuildExtension: half types without implicit
+                 # conversions, so the kernels' explicit ones are what runs.
+                 "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                 "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+        if asan:
+            flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                      "-fno-sanitize-recover=undefined"]
+        # The three compiles side by side: the kernels' file alone takes most of the time.
+        objs, compiles = [], []
+        for src in (KERNELS, os.path.join(EMU, "selftest_kernels.cu"),
+                    os.path.join(EMU, "emulator.cpp")):
+            obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+            compiles.append(subprocess.Popen(["g++", *flags, "-x", "c++", "-c", src, "-o", obj]))
+            objs.append(obj)
+        failed = [c.args for c in compiles if c.wait() != 0]
+        if failed:
+            raise RuntimeError(f"cuda emulation: compile failed: {failed[0]}")
+        tmp = lib + ".tmp"
+        subprocess.run(["g++", "-shared", *(["-fsanitize=address,undefined"] if asan else []),
+                        *objs, "-o", tmp, "-lboost_fiber", "-lboost_context", "-ldl",
+                        "-pthread"], check=True)
+        os.replace(tmp, lib)
     return lib
 
 
@@ -123,6 +141,26 @@ def load(verbose: bool = False):
     _ops.register_fakes(NAMESPACE)
     _autograd.register_vmaps(NAMESPACE)
     return module
+
+
+@contextlib.contextmanager
+def random_schedules(module, seeds):
+    """Run the emulated launches inside under the in-order schedule and `seeds` only (by default
+    every launch also runs under 3 random schedules, which must agree bit for bit)."""
+    saved = module.random_schedules()
+    module.set_random_schedules(list(seeds))
+    try:
+        yield
+    finally:
+        module.set_random_schedules(saved)
+
+
+def schedules_from_environment(module) -> None:
+    """BRN_EMULATION_RANDOM_SCHEDULES="1,2" sets the random schedules of a whole run (the
+    AddressSanitizer run uses one: a memory error does not need a second schedule to show)."""
+    seeds = os.environ.get("BRN_EMULATION_RANDOM_SCHEDULES")
+    if seeds:
+        module.set_random_schedules([int(s) for s in seeds.split(",")])
 
 
 if __name__ == "__main__":
