@@ -69,7 +69,9 @@ constexpr int64_t kChannelBlock = 64;           // smallest channel split of a r
 // vector width) otherwise. A channel's result does not depend on this split (lanes are
 // independent channels and rows are always summed in the same chunks), only the speed does.
 inline int64_t rows_channel_block(int64_t C, int64_t nrb, int64_t V) {
-  const int64_t kMinItems = 2 * static_cast<int64_t>(at::get_num_threads());
+  // One thread has nothing to share out: whole rows, read in memory order.
+  const int64_t threads = static_cast<int64_t>(at::get_num_threads());
+  const int64_t kMinItems = threads > 1 ? 2 * threads : 1;
   if (nrb >= kMinItems) return std::max<int64_t>(C, 1);
   const int64_t want = (kMinItems + nrb - 1) / nrb;  // channel blocks per row block
   int64_t cb = (C + want - 1) / want;
