@@ -10,7 +10,8 @@ ReLU), eager and under torch.compile. Warm-up off (the bounds are the final ones
     python benchmarks/bench_modules.py [--threads 1,2] [--quick] [--no-compile] [--out PATH]
 
 Timing is benchmarks/harness.py's measure_many: the two models' samples interleaved on the CPU,
-so a load that comes and goes hits both alike; the ratio brn / bn is what to read.
+so a load that comes and goes hits both alike. The ratio brn / bn is what to read: the median of
+the per-round ratios (harness.paired_ratio); the JSON also has the ratio of the medians.
 """
 from __future__ import annotations
 
@@ -95,8 +96,13 @@ def run_case(name, shape, layout, kind, compiled: bool, cfg) -> Dict[str, object
         else:
             row[f"{label}_ms"], row[f"{label}_p20_ms"], row[f"{label}_p80_ms"] = (
                 t["device_ms"], t["p20_ms"], t["p80_ms"])
+            row["reps"] = t["reps"]
     if "brn_ms" in row and "bn_ms" in row:
-        row["ratio"] = row["brn_ms"] / row["bn_ms"]
+        # The median of the per-round ratios: a block's time is mostly its matmul, whose time
+        # on a shared VM moves by +-25 % between rounds; pairing the two calls of each round
+        # cancels that. ratio_of_medians is the plain brn_ms / bn_ms.
+        row["ratio"] = harness.paired_ratio(timings["brn"], timings["bn"])
+        row["ratio_of_medians"] = row["brn_ms"] / row["bn_ms"]
     return row
 
 
@@ -165,12 +171,14 @@ def main(argv=None):
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--quick", action="store_true", help="four shapes, eager only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
-    p.add_argument("--rep-ms", type=float, default=300.0)
+    p.add_argument("--rep-ms", type=float, default=1000.0,
+                   help="time budget of the samples per case (at least --min-reps rounds)")
+    p.add_argument("--min-reps", type=int, default=15)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default results/modules_cpu_<cpu>.json); .md and .png too")
     args = p.parse_args(argv)
     device = torch.device("cpu")
-    cfg = harness.TimerConfig(rep_ms=args.rep_ms)
+    cfg = harness.TimerConfig(rep_ms=args.rep_ms, min_reps=args.min_reps)
     previous = torch.get_num_threads()
     result = dict(environment=harness.environment(device), loadavg_start=harness.loadavg(),
                   rows=[])

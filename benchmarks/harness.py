@@ -223,8 +223,20 @@ def measure_many(entries: Dict[str, Tuple[Callable[[], torch.Tensor], Sequence[t
         wall = summarize(samples[name])
         out[name] = dict(device_ms=wall.median_ms, wall_ms=wall.median_ms, p20_ms=wall.p20_ms,
                          p80_ms=wall.p80_ms, wall_p20_ms=wall.p20_ms, wall_p80_ms=wall.p80_ms,
-                         reps=wall.reps, timer="perf_counter, interleaved")
+                         reps=wall.reps, timer="perf_counter, interleaved",
+                         samples_ms=samples[name])
     return out
+
+
+def paired_ratio(a: Dict[str, object], b: Dict[str, object]) -> Optional[float]:
+    """The median over rounds of a's sample / b's sample in the same round, for two results of
+    one interleaved measure_many: the two calls of a round ran back to back, so a load that
+    comes and goes between rounds cancels out of each ratio (the ratio of the two medians
+    does not pair them). None when the samples are not there (CUDA results)."""
+    sa, sb = a.get("samples_ms"), b.get("samples_ms")
+    if not sa or not sb or len(sa) != len(sb):
+        return None
+    return statistics.median(x / y for x, y in zip(sa, sb))
 
 
 def _measure_cuda(forward, inputs, grad_output, mode, cfg: TimerConfig) -> Dict[str, object]:
@@ -338,4 +350,5 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 __all__ = ["MODES", "TimerConfig", "Timing", "copy_bandwidth_gbps", "device_name",
            "environment", "geomean", "loadavg", "measure", "measure_many", "minimal_bytes", "mode_step",
+           "paired_ratio",
            "summarize", "asdict"]

@@ -94,6 +94,9 @@ def test_harness_quantiles_and_bytes():
     assert t.median_ms == 3.0 and t.p20_ms < 3.0 < t.p80_ms and t.reps == 5
     assert harness.minimal_bytes(10, 2, "fwd+bwd") == 100
     assert harness.geomean([2.0, 8.0]) == pytest.approx(4.0)
+    # Paired per round: (2/1, 4/4, 6/2) -> median 2, where the medians' ratio is 4/2.
+    assert harness.paired_ratio({"samples_ms": [2, 4, 6]}, {"samples_ms": [1, 4, 2]}) == 2
+    assert harness.paired_ratio({"device_ms": 1.0}, {"device_ms": 2.0}) is None
 
 
 def test_module_benchmark_runs_and_writes_its_results(tmp_path):
@@ -102,7 +105,7 @@ def test_module_benchmark_runs_and_writes_its_results(tmp_path):
     threads = torch.get_num_threads()
     try:
         result = bench.main(["--quick", "--threads", "1", "--no-compile", "--rep-ms", "2",
-                             "--out", str(out)])
+                             "--min-reps", "3", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     rows = json.loads(out.read_text())["rows"]
