@@ -61,17 +61,19 @@ inline void store_acc(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v) {
 constexpr int64_t kPlaneChunk = 2048;           // values of one channel (planes)
 constexpr int64_t kPlaneBlock = 16 * kPlaneChunk;
 constexpr int64_t kRowChunk = 64;               // rows per chunk (rows)
-constexpr int64_t kRowBlock = 16 * kRowChunk;   // rows per work item
+// rows per work item: 256, so that a few hundred rows (a 7x7 or 14x14 map at small N) still
+// give every thread whole rows to read.
+constexpr int64_t kRowBlock = 4 * kRowChunk;
 constexpr int64_t kChannelBlock = 64;           // smallest channel split of a row block (rows)
 
 // Channels per work item (rows layout): whole rows when there are enough row blocks to share
-// out (two per thread), so each item reads its rows' memory contiguously; narrower blocks (multiples of the
-// vector width) otherwise. A channel's result does not depend on this split (lanes are
+// out (one per thread), so each item reads its rows' memory contiguously; narrower blocks
+// (multiples of the vector width) otherwise. A channel's result does not depend on this split (lanes are
 // independent channels and rows are always summed in the same chunks), only the speed does.
 inline int64_t rows_channel_block(int64_t C, int64_t nrb, int64_t V) {
-  // One thread has nothing to share out: whole rows, read in memory order.
-  const int64_t threads = static_cast<int64_t>(at::get_num_threads());
-  const int64_t kMinItems = threads > 1 ? 2 * threads : 1;
+  // One row block per thread is enough: reading parts of rows costs more than an uneven
+  // share (the prefetchers bring in the rest of each row, so the tensor is read twice).
+  const int64_t kMinItems = static_cast<int64_t>(at::get_num_threads());
   if (nrb >= kMinItems) return std::max<int64_t>(C, 1);
   const int64_t want = (kMinItems + nrb - 1) / nrb;  // channel blocks per row block
   int64_t cb = (C + want - 1) / want;
