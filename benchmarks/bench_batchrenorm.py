@@ -229,7 +229,7 @@ def run(args) -> Dict[str, object]:
                                  mode=mode, backend=backends[name],
                                  device_ms=result["device_ms"], wall_ms=result["wall_ms"],
                                  gbps=gbps, **{k: v for k, v in result.items()
-                                               if k not in ("device_ms", "wall_ms")},
+                                               if k not in ("device_ms", "wall_ms", "samples_ms")},
                                  loadavg_1m=load[0] if load else None))
         del x, dy, params, entries
         if device.type == "cuda":
