@@ -61,12 +61,25 @@ def check_hyperparameters(caller: str, momentum: Optional[float], eps: float, r_
         raise ValueError(f"{caller}: d_max must be >= 0, got {d_max}")
 
 
+def _check_tensor_or_none(caller: str, name: str, t: object) -> None:
+    if t is not None and not isinstance(t, Tensor):
+        raise TypeError(f"{caller}: {name} must be a Tensor or None, got {type(t).__name__}")
+
+
+def _check_buffers_given(caller: str, running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], training: bool) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{caller}: running_mean and running_var must both be tensors or "
+                         "both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{caller}: eval (training=False) needs running_mean and running_var")
+
+
 def _check_per_channel(caller: str, name: str, t: Optional[Tensor], input: Tensor,
                        dtype: torch.dtype) -> None:
+    _check_tensor_or_none(caller, name, t)
     if t is None:
         return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{caller}: {name} must be a Tensor or None, got {type(t).__name__}")
     channels = input.shape[1]
     if t.shape != (channels,):
         raise ValueError(f"{caller}: {name} must have shape (C,) = ({channels},), "
@@ -97,11 +110,7 @@ def check_arguments(caller: str, input: Tensor, running_mean: Optional[Tensor],
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         _check_per_channel(caller, name, t, input, sdt)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{caller}: running_mean and running_var must both be tensors or "
-                         "both be None")
-    if not training and running_mean is None:
-        raise ValueError(f"{caller}: eval (training=False) needs running_mean and running_var")
+    _check_buffers_given(caller, running_mean, running_var, training)
     if num_batches_tracked is not None:
         if num_batches_tracked.dtype != torch.long or num_batches_tracked.numel() != 1:
             raise TypeError(f"{caller}: num_batches_tracked must be an int64 scalar tensor, got "
@@ -150,13 +159,8 @@ def _check_fused_arguments(caller: str, running_mean: Optional[Tensor],
     ops check everything else, in check_arguments' words (csrc/batchrenorm_checks.h)."""
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{caller}: {name} must be a Tensor or None, got {type(t).__name__}")
-    if not training and (running_mean is None or running_var is None):
-        if running_mean is not running_var:
-            raise ValueError(f"{caller}: running_mean and running_var must both be tensors or "
-                             "both be None")
-        raise ValueError(f"{caller}: eval (training=False) needs running_mean and running_var")
+        _check_tensor_or_none(caller, name, t)
+    _check_buffers_given(caller, running_mean, running_var, training)
 
 
 def _batch_renorm(

@@ -217,7 +217,6 @@ NodePtr make_node() {
 // an absent one, for which task_should_compute_output says false).
 struct BackwardNode : public ag::Node {
   ag::SavedVariable input_, weight_;
-  double eps = 0.0;
 
   std::array<bool, 3> output_mask() const {
     return {task_should_compute_output(0), task_should_compute_output(1),
@@ -233,6 +232,7 @@ struct BackwardNode : public ag::Node {
 template <const char* NS>
 struct TrainBackward : public BackwardNode {
   ag::SavedVariable mean_, invstd_, r_, d_;  // the batch's statistics, r and d: constants
+  double eps = 0.0;  // the differentiable backward recomputes the statistics
 
   std::string name() const override { return "BatchRenormTrainBackward"; }
   void release_variables() override {
@@ -290,13 +290,12 @@ inline bool has_fw_grad(const Tensor& input, const OptTensor& weight, const OptT
 // A new node of type N, held by *holder, with its edges and the saved tensors both kinds keep.
 template <typename N>
 N* new_backward_node(NodePtr* holder, const Tensor& input, const OptTensor& weight,
-                     const OptTensor& bias, double eps) {
+                     const OptTensor& bias) {
   *holder = make_node<N>();
   auto* node = static_cast<N*>(holder->get());
   node->set_next_edges(ag::collect_next_edges(input, weight, bias));
   node->input_ = ag::SavedVariable(input, /*is_output=*/false);
   node->weight_ = ag::SavedVariable(weight, /*is_output=*/false);
-  node->eps = eps;
   return node;
 }
 
@@ -327,7 +326,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     output = composite_train_output(input, weight, bias, r, d, eps);
   } else if (record) {
     NodePtr holder;
-    auto* node = new_backward_node<TrainBackward<NS>>(&holder, input, weight, bias, eps);
+    auto* node = new_backward_node<TrainBackward<NS>>(&holder, input, weight, bias);
+    node->eps = eps;
     node->mean_ = ag::SavedVariable(mean, /*is_output=*/false);
     node->invstd_ = ag::SavedVariable(invstd, /*is_output=*/false);
     node->r_ = ag::SavedVariable(r, /*is_output=*/false);
@@ -354,7 +354,7 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   }
   if (ag::compute_requires_grad(input, weight, bias)) {
     NodePtr holder;
-    auto* node = new_backward_node<EvalBackward<NS>>(&holder, input, weight, bias, eps);
+    auto* node = new_backward_node<EvalBackward<NS>>(&holder, input, weight, bias);
     node->mean_ = ag::SavedVariable(running_mean.clone(), /*is_output=*/false);
     node->invstd_ = ag::SavedVariable(at::rsqrt(running_var + eps), /*is_output=*/false);
     ag::set_history(output, holder);

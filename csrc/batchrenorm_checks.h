@@ -127,6 +127,14 @@ inline void check_training_count(const char* op, int64_t values_per_channel,
                     py_shape(input.sizes()));
 }
 
+// batch_stats (SyncBatchRenorm's building block) needs one value per channel for a mean.
+inline void check_stats_count(const char* op, int64_t values_per_channel,
+                              const at::Tensor& input) {
+  TORCH_CHECK_VALUE(values_per_channel > 0, op,
+                    ": expected at least 1 value per channel, got input size ",
+                    py_shape(input.sizes()));
+}
+
 inline void check_forward_eval(const char* op, const at::Tensor& input,
                                c10::DeviceType device_type,
                                const std::optional<at::Tensor>& weight,

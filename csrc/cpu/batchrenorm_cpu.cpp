@@ -215,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
   Tensor save_mean = per_channel_empty(input), save_invstd = per_channel_empty(input);
   Tensor save_r = per_channel_empty(input), save_d = per_channel_empty(input);
   // The counter is a CPU scalar: read and advanced through its pointer, not by item() and add_()
-  // (two more dispatcher calls per step; the autograd kernel bumps the buffers' versions).
+  // (two more dispatcher calls per step; the autograd kernel bumps the counter's version).
   int64_t* step_ptr = has_step ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
   const int64_t step = has_step ? *step_ptr : 0;
 
@@ -408,8 +408,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   check_input(op, input, kDevice);
   Layout g;
   const Tensor x = canonical(input, &g);
-  TORCH_CHECK_VALUE(g.count() > 0, op, ": expected at least 1 value per channel, got input size ",
-                    py_shape(input.sizes()));
+  check_stats_count(op, g.count(), input);
   Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_batch_stats_cpu", [&] {
     using acc_t = acc_type<scalar_t>;

@@ -80,7 +80,6 @@ inline DType dtype_of(const Tensor& x) {
   TORCH_CHECK(false, "batchrenorm: unsupported input dtype ", x.scalar_type());
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Kernel arguments (argument checks: batchrenorm_checks.h, shared with the CPU glue).
 
@@ -272,9 +271,7 @@ struct Glue {
     check_input(op, input, RT::kDevice);
     const typename RT::Guard guard(input.device());
     const Canonical c = canonical(input);
-    TORCH_CHECK_VALUE(c.layout.N * c.layout.S > 0, op,
-                      ": expected at least 1 value per channel, got input size ",
-                      py_shape(input.sizes()));
+    check_stats_count(op, c.layout.N * c.layout.S, input);
     Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
     if (c.layout.C == 0) return {mean, m2};
     BatchStatsArgs a{};
