@@ -40,6 +40,8 @@ struct Counters {
   uint64_t threads;
   uint64_t barriers;  // __syncthreads and grid.sync completions
   uint64_t shuffles;  // warp shuffles completed
+  uint64_t bytes_read;     // global memory, through batchrenorm_global_memory.cuh
+  uint64_t bytes_written;
 };
 Counters counters();
 

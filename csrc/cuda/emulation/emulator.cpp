@@ -62,6 +62,7 @@ uint64_t g_seed = 0;
 std::string g_fault;
 cudaError_t g_last_error = cudaSuccess;
 std::atomic<uint64_t> g_launches{0}, g_ctas{0}, g_threads{0}, g_barriers{0}, g_shuffles{0};
+std::atomic<uint64_t> g_bytes_read{0}, g_bytes_written{0};
 
 enum SlotState : int { kRunnable = 0, kGridWait = 1, kDone = 2 };
 
@@ -760,6 +761,10 @@ int max_active_ctas_per_sm(int block_size, size_t shared_bytes) {
   return current_device().ctas_per_sm;
 }
 
+void count_global(const void*, size_t bytes, bool is_write) {
+  (is_write ? g_bytes_written : g_bytes_read).fetch_add(bytes, std::memory_order_relaxed);
+}
+
 int set_device(int sms, int ctas_per_sm) {
   if (sms < 1 || ctas_per_sm < 1) throw std::invalid_argument("cuda emulation: bad device");
   std::lock_guard<std::mutex> lk(g_mutex);
@@ -785,8 +790,8 @@ std::string last_fault() {
 }
 
 Counters counters() {
-  return {g_launches.load(), g_ctas.load(), g_threads.load(), g_barriers.load(),
-          g_shuffles.load()};
+  return {g_launches.load(), g_ctas.load(),        g_threads.load(),      g_barriers.load(),
+          g_shuffles.load(), g_bytes_read.load(), g_bytes_written.load()};
 }
 
 }  // namespace cuda_emulation

@@ -17,6 +17,9 @@
 #define __global__
 #define __shared__ thread_local
 #define __launch_bounds__(...)
+// Kernel sources test this to route their global accesses through count_global
+// (csrc/cuda/batchrenorm_global_memory.cuh).
+#define BRN_CUDA_EMULATION 1
 
 #include <cuda_runtime_api.h>
 
@@ -51,6 +54,9 @@ using KernelBody = void (*)(const void* kernel, void* const* args);
 cudaError_t launch(const void* kernel, KernelBody body, void** args, const char* kernel_type,
                    dim3 grid, dim3 block, size_t shared_bytes, bool cooperative);
 int max_active_ctas_per_sm(int block_size, size_t shared_bytes);
+// A global-memory access of `bytes` at `address` by the calling CUDA thread, counted per launch
+// and per CTA.
+void count_global(const void* address, size_t bytes, bool is_write);
 
 template <typename... P, size_t... I>
 void call_kernel(void (*kernel)(P...), void* const* args, std::index_sequence<I...>) {
@@ -133,6 +139,17 @@ T __ldcg(const T* p) {
   return *p;
 }
 inline float __frcp_rn(float x) { return 1.0f / x; }
+
+// Atomics and fences. One CTA runs at a time and its fibers switch only at synchronisation
+// calls, so a plain read-modify-write is atomic here; it is counted as a read and a write.
+inline unsigned atomicInc(unsigned* address, unsigned val) {
+  ::cuda_emulation::count_global(address, sizeof(unsigned), false);
+  ::cuda_emulation::count_global(address, sizeof(unsigned), true);
+  const unsigned old = *address;
+  *address = old >= val ? 0u : old + 1u;
+  return old;
+}
+inline void __threadfence() {}
 
 #define BRN_EMU_SHUFFLE(name, mode)                                                          \
   template <typename T>                                                                       \
