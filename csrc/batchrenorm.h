@@ -91,15 +91,18 @@ BRN_HOST_DEVICE bool finite_stats(acc_t mean, acc_t var_biased) {
          is_finite_value(static_cast<double>(var_biased));
 }
 
-// mean and var_biased are this batch's statistics of one channel; run_mean / run_var the
-// running buffers *before* this step's update. has_running == false (no running statistics)
-// gives r = 1, d = 0: plain BatchNorm. weight / bias are 1 / 0 when the layer is not affine.
-// Non-finite statistics give NaN coefficients, so the channel's output and gradients are NaN
-// and the loss shows the problem (an infinite variance would otherwise give invstd = 0 and a
-// finite, constant output).
+// mean and var_biased are this batch's statistics of one channel; run_var the running variance
+// *before* this step's update, and mean_minus_run_mean = mean - running_mean (before the update)
+// as the caller computed it, more accurately than in acc_t: when |mean| >> std the rounding of
+// `mean` to acc_t (1e-4 near 3000 in float) is a large part of sigma, and d divides by sigma, so
+// each backend passes the difference from its wider statistics (float64 on the CPU; the shifted
+// sums on CUDA). has_running == false (no running statistics) gives r = 1, d = 0: plain
+// BatchNorm. weight / bias are 1 / 0 when the layer is not affine. Non-finite statistics give
+// NaN coefficients, so the channel's output and gradients are NaN and the loss shows the problem
+// (an infinite variance would otherwise give invstd = 0 and a finite, constant output).
 template <typename acc_t>
 BRN_HOST_DEVICE ChannelCoeffs<acc_t> renorm_coeffs(acc_t mean, acc_t var_biased, acc_t eps,
-                                                   bool has_running, acc_t run_mean,
+                                                   bool has_running, acc_t mean_minus_run_mean,
                                                    acc_t run_var, acc_t r_max, acc_t d_max,
                                                    acc_t weight, acc_t bias) {
   ChannelCoeffs<acc_t> c;
@@ -113,7 +116,7 @@ BRN_HOST_DEVICE ChannelCoeffs<acc_t> renorm_coeffs(acc_t mean, acc_t var_biased,
   if (has_running) {
     const acc_t sigma = sqrt(run_var + eps);
     c.r = clamp_to<acc_t>(sigma_b / sigma, acc_t(1) / r_max, r_max);
-    c.d = clamp_to<acc_t>((mean - run_mean) / sigma, -d_max, d_max);
+    c.d = clamp_to<acc_t>(mean_minus_run_mean / sigma, -d_max, d_max);
   } else {
     c.r = acc_t(1);
     c.d = acc_t(0);

@@ -255,16 +255,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
       const bool m2_finite = mom[c].m2 <= static_cast<double>(std::numeric_limits<acc_t>::max());
       const double var = m2_finite ? mom[c].m2 / static_cast<double>(count) : INFINITY;
       const acc_t mean_a = static_cast<acc_t>(mean), var_a = static_cast<acc_t>(var);
-      ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
-          mean_a, var_a, static_cast<acc_t>(eps), has_running, has_running ? prm[c] : acc_t(0),
+      // d from the float64 mean (renorm_coeffs says why).
+      const acc_t mean_minus_run_mean =
+          has_running ? static_cast<acc_t>(mean - static_cast<double>(prm[c])) : acc_t(0);
+      const ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
+          mean_a, var_a, static_cast<acc_t>(eps), has_running, mean_minus_run_mean,
           has_running ? prv[c] : acc_t(1), rmax, dmax, w[c], b[c]);
-      if (has_running && finite_stats(mean_a, var_a)) {
-        // d from the float64 mean: mean_a's rounding (1e-4 near 3000 in float) is a large part
-        // of sigma when |mean| >> std, and d divides by sigma.
-        const acc_t sigma = std::sqrt(prv[c] + static_cast<acc_t>(eps));
-        k.d = clamp_to<acc_t>(static_cast<acc_t>(mean - static_cast<double>(prm[c])) / sigma,
-                              -dmax, dmax);
-      }
       // y = x * scale + shift, evaluated centred on mean_a (see the header comment): the shift
       // that goes with (x - mean_a) is shift + scale * mean_a
       //   = bias + weight * (d - r * invstd * (mean - mean_a)),

@@ -10,14 +10,15 @@
 //   csrc/cuda/emulation/batchrenorm_emulated.cpp CPU tensors, the same kernels executed by the
 //                                              CUDA emulator (tests)
 // RT provides: kDevice (the tensors' device type); Guard (constructed from the input's device);
-// stream(); check(op, err) for host-side calls; launch(op, mutated, written, f), which runs f()
-// (one kernel launch returning its cudaError_t) given the tensors that f updates in place and
-// those it writes.
+// stream(); check(op, err) for host-side calls; note_plan(op, plan), told each reduction's
+// plan (the emulator shows it to the tests); ticket(input), the zero-initialised counter of
+// batchrenorm_cuda.h for the current device and stream; launch(op, mutated, written, f), which
+// runs f() (one kernel launch returning its cudaError_t) given the tensors that f updates in
+// place and those it writes.
 //
-// The single-launch reductions need a scratch workspace for their per-CTA partials; it comes
-// from the caching allocator (free after warm-up, and capturable in a CUDA graph). The kernel
-// writes every workspace byte before reading it, so it is never memset, and the grid barrier is
-// the cooperative launch's own: no state persists between calls.
+// Each reduction is planned once per call (plan_stats / plan_grad); the plan's workspace for
+// per-CTA partials comes from the caching allocator (free after warm-up, and capturable in a
+// CUDA graph). The kernel writes every workspace byte before reading it, so it is never memset.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -125,9 +126,10 @@ struct Glue {
     if (c.layout.C == 0) return {output, save_mean, save_invstd, save_r, save_d};
 
     Tensor w, b, rm, rv;
-    ForwardTrainArgs a{};
+    StatsParams a{};
     a.dtype = dtype_of(input);
     a.layout = c.layout;
+    a.train = true;
     a.x = c.x.data_ptr();
     a.y = output.data_ptr();
     a.weight = ptr_or_null(weight, &w);
@@ -140,22 +142,24 @@ struct Glue {
       a.running_var = rv.data_ptr();
     }
     a.num_batches_tracked = has_step ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+    a.ticket = has_step ? RT::ticket(input) : nullptr;
     a.cumulative = !momentum.has_value();
     a.momentum = momentum.value_or(0.0);
     a.eps = eps;
     a.schedule = RenormSchedule{r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps};
-    a.save_mean = save_mean.data_ptr();
-    a.save_invstd = save_invstd.data_ptr();
-    a.save_r = save_r.data_ptr();
-    a.save_d = save_d.data_ptr();
+    a.mean = save_mean.data_ptr();
+    a.invstd = save_invstd.data_ptr();
+    a.r = save_r.data_ptr();
+    a.d = save_d.data_ptr();
     a.stream = RT::stream();
 
-    size_t bytes = 0;
-    RT::check(op, batchrenorm::cuda::forward_train(a, nullptr, &bytes));
-    Tensor ws = workspace(input, bytes);
+    LaunchPlan plan;
+    RT::check(op, plan_stats(a, &plan));
+    RT::note_plan(op, plan);
+    Tensor ws = workspace(input, plan.workspace_bytes);
     Tensor step = has_step ? *num_batches_tracked : Tensor();
     RT::launch(op, {rm, rv, step}, {output, save_mean, save_invstd, save_r, save_d, ws},
-               [&] { return batchrenorm::cuda::forward_train(a, ws.data_ptr(), &bytes); });
+               [&] { return launch_stats(a, plan, ws.data_ptr()); });
 
     if (has_running) {
       if (!running_mean->is_same(rm)) running_mean->copy_(rm);
@@ -176,7 +180,7 @@ struct Glue {
     if (input.numel() == 0) return output;
     Tensor w, b;
     const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
-    ElementwiseArgs a{};
+    ElementwiseParams a{};
     a.dtype = dtype_of(input);
     a.layout = c.layout;
     a.mode = ElementwiseMode::kEval;
@@ -229,7 +233,7 @@ struct Glue {
     if (!need_sums) {
       if (!output_mask[0]) return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
       // Constant statistics and only dx: dx = dy * weight * r * invstd, one elementwise pass.
-      ElementwiseArgs a{};
+      ElementwiseParams a{};
       a.dtype = dtype_of(input);
       a.layout = c.layout;
       a.mode = ElementwiseMode::kScaleGrad;
@@ -243,7 +247,7 @@ struct Glue {
       return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
     }
 
-    BackwardArgs a{};
+    GradParams a{};
     a.dtype = dtype_of(input);
     a.layout = c.layout;
     a.dy = dy.data_ptr();
@@ -253,16 +257,17 @@ struct Glue {
     a.invstd = ik.data_ptr();
     a.r = ptr_or_null(r, &rk);
     a.d = ptr_or_null(d, &dk);
-    a.batch_stats = batch_stats;
+    a.through_stats = batch_stats;
     a.dx = output_mask[0] ? grad_input.data_ptr() : nullptr;
     a.grad_weight = output_mask[1] ? grad_weight.data_ptr() : nullptr;
     a.grad_bias = output_mask[2] ? grad_bias.data_ptr() : nullptr;
     a.stream = stream;
-    size_t bytes = 0;
-    RT::check(op, batchrenorm::cuda::backward(a, nullptr, &bytes));
-    Tensor ws = workspace(input, bytes);
+    LaunchPlan plan;
+    RT::check(op, plan_grad(a, &plan));
+    RT::note_plan(op, plan);
+    Tensor ws = workspace(input, plan.workspace_bytes);
     RT::launch(op, {}, {grad_input, grad_weight, grad_bias, ws},
-               [&] { return batchrenorm::cuda::backward(a, ws.data_ptr(), &bytes); });
+               [&] { return launch_grad(a, plan, ws.data_ptr()); });
     return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
   }
 
@@ -274,18 +279,19 @@ struct Glue {
     check_stats_count(op, c.layout.N * c.layout.S, input);
     Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
     if (c.layout.C == 0) return {mean, m2};
-    BatchStatsArgs a{};
+    StatsParams a{};
     a.dtype = dtype_of(input);
     a.layout = c.layout;
+    a.train = false;
     a.x = c.x.data_ptr();
     a.mean = mean.data_ptr();
     a.m2 = m2.data_ptr();
     a.stream = RT::stream();
-    size_t bytes = 0;
-    RT::check(op, batchrenorm::cuda::batch_stats(a, nullptr, &bytes));
-    Tensor ws = workspace(input, bytes);
-    RT::launch(op, {}, {mean, m2, ws},
-               [&] { return batchrenorm::cuda::batch_stats(a, ws.data_ptr(), &bytes); });
+    LaunchPlan plan;
+    RT::check(op, plan_stats(a, &plan));
+    RT::note_plan(op, plan);
+    Tensor ws = workspace(input, plan.workspace_bytes);
+    RT::launch(op, {}, {mean, m2, ws}, [&] { return launch_stats(a, plan, ws.data_ptr()); });
     return {mean, m2};
   }
 
@@ -299,7 +305,7 @@ struct Glue {
     Tensor output = empty_output(input, c);
     if (input.numel() == 0) return output;
     const Tensor sk = scale.contiguous(), hk = shift.contiguous();
-    ElementwiseArgs a{};
+    ElementwiseParams a{};
     a.dtype = dtype_of(input);
     a.layout = c.layout;
     a.mode = ElementwiseMode::kNormalize;
@@ -327,9 +333,10 @@ struct Glue {
     Tensor sum_dy = per_channel_empty(input), sum_dy_xhat = per_channel_empty(input);
     const Tensor dy = grad_output.contiguous(c.format);
     const Tensor mk = mean.contiguous(), ik = invstd.contiguous();
-    BackwardReduceArgs a{};
+    GradParams a{};
     a.dtype = dtype_of(input);
     a.layout = c.layout;
+    a.reduce_only = true;
     a.dy = dy.data_ptr();
     a.x = c.x.data_ptr();
     a.mean = mk.data_ptr();
@@ -337,11 +344,12 @@ struct Glue {
     a.sum_dy = sum_dy.data_ptr();
     a.sum_dy_xhat = sum_dy_xhat.data_ptr();
     a.stream = RT::stream();
-    size_t bytes = 0;
-    RT::check(op, batchrenorm::cuda::backward_reduce(a, nullptr, &bytes));
-    Tensor ws = workspace(input, bytes);
+    LaunchPlan plan;
+    RT::check(op, plan_grad(a, &plan));
+    RT::note_plan(op, plan);
+    Tensor ws = workspace(input, plan.workspace_bytes);
     RT::launch(op, {}, {sum_dy, sum_dy_xhat, ws},
-               [&] { return batchrenorm::cuda::backward_reduce(a, ws.data_ptr(), &bytes); });
+               [&] { return launch_grad(a, plan, ws.data_ptr()); });
     return {sum_dy, sum_dy_xhat};
   }
 
@@ -363,7 +371,7 @@ struct Glue {
     const Tensor dy = grad_output.contiguous(c.format);
     const Tensor p0 = mean.contiguous(), p1 = invstd.contiguous(), p2 = scale.contiguous();
     const Tensor p3 = mean_dy.contiguous(), p4 = mean_dy_xhat.contiguous();
-    ElementwiseArgs a{};
+    ElementwiseParams a{};
     a.dtype = dtype_of(input);
     a.layout = c.layout;
     a.mode = ElementwiseMode::kBackwardInput;

@@ -47,6 +47,19 @@ struct EmulatedRuntime {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
   using Guard = NoGuard;
   static cudaStream_t stream() { return nullptr; }
+  static LaunchPlan& last_plan() {
+    static LaunchPlan plan{};
+    return plan;
+  }
+  static void note_plan(const char*, const LaunchPlan& plan) { last_plan() = plan; }
+  // The emulator runs one launch at a time: one counter serves them all.
+  static at::Tensor& ticket_tensor() {
+    static auto* t = new at::Tensor(at::zeros({1}, at::TensorOptions().dtype(at::kInt)));
+    return *t;
+  }
+  static unsigned* ticket(const at::Tensor&) {
+    return reinterpret_cast<unsigned*>(ticket_tensor().data_ptr<int>());
+  }
   static void check(const char* op, cudaError_t err) {
     TORCH_CHECK(err == cudaSuccess, op, ": emulated CUDA call failed with ", cudaGetErrorName(err),
                 ": ", cuda_emulation::last_fault());
@@ -72,6 +85,11 @@ struct EmulatedRuntime {
       cuda_emulation::set_schedule(schedules[run]);
       const cudaError_t err = f();
       cuda_emulation::set_schedule(0);
+      // Every launch must leave the counter at zero for the next one (batchrenorm_cuda.h).
+      const int ticket = ticket_tensor().item<int>();
+      ticket_tensor().zero_();
+      TORCH_CHECK(err != cudaSuccess || ticket == 0, op, ": the launch left the ticket counter at ",
+                  ticket, " (schedule ", schedules[run], ")");
       TORCH_CHECK(err == cudaSuccess, op, ": emulated CUDA launch failed with ",
                   cudaGetErrorName(err), " (schedule ", schedules[run], "): ",
                   cuda_emulation::last_fault());
@@ -129,6 +147,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     py::arg("shuffles") = c.shuffles);
   });
   m.def("last_fault", &cuda_emulation::last_fault);
+  m.def(
+      "last_plan",
+      [] {
+        const auto& p = batchrenorm::cuda::EmulatedRuntime::last_plan();
+        static const char* regimes[] = {"resident", "persistent", "streaming"};
+        return py::dict(py::arg("regime") = regimes[static_cast<int>(p.regime)],
+                        py::arg("vec") = p.vec, py::arg("grid") = p.grid,
+                        py::arg("team_warps") = p.team_warps, py::arg("tx") = p.tx,
+                        py::arg("ty") = p.ty, py::arg("items") = p.items,
+                        py::arg("length") = p.length, py::arg("splits") = p.splits,
+                        py::arg("per") = p.per, py::arg("units") = p.units,
+                        py::arg("shared_bytes") = p.shared_bytes,
+                        py::arg("workspace_bytes") = p.workspace_bytes);
+      },
+      "The plan of the last reduction launched (forward_train, backward, batch_stats, "
+      "backward_reduce).");
   m.def(
       "run_selftest",
       [](const std::string& name, at::Tensor out) {

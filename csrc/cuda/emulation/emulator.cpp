@@ -761,6 +761,14 @@ int max_active_ctas_per_sm(int block_size, size_t shared_bytes) {
   return current_device().ctas_per_sm;
 }
 
+cudaError_t func_set_attribute(const void*, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > kMaxSharedBytes) {
+    return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
 void count_global(const void*, size_t bytes, bool is_write) {
   (is_write ? g_bytes_written : g_bytes_read).fetch_add(bytes, std::memory_order_relaxed);
 }

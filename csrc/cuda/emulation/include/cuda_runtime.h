@@ -1,4 +1,4 @@
-// cuda_runtime.h of the CUDA emulation: what batchrenorm_kernels.cu uses of the CUDA C++ runtime
+// cuda_runtime.h of the CUDA emulation: what the kernels (csrc/cuda/*.cu) use of the CUDA C++ runtime
 // and of the device built-ins, for the host compiler (g++ -x c++). Put this folder first on the
 // include path; types and the C API come from the toolkit's own cuda_runtime_api.h, and half /
 // bfloat16 arithmetic from its cuda_fp16.h / cuda_bf16.h (NVIDIA's own rounding).
@@ -54,6 +54,8 @@ using KernelBody = void (*)(const void* kernel, void* const* args);
 cudaError_t launch(const void* kernel, KernelBody body, void** args, const char* kernel_type,
                    dim3 grid, dim3 block, size_t shared_bytes, bool cooperative);
 int max_active_ctas_per_sm(int block_size, size_t shared_bytes);
+// cudaFuncSetAttribute of a kernel (only cudaFuncAttributeMaxDynamicSharedMemorySize is known).
+cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 // A global-memory access of `bytes` at `address` by the calling CUDA thread, counted per launch
 // and per CTA.
 void count_global(const void* address, size_t bytes, bool is_write);
@@ -127,6 +129,11 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, void 
                                                           size_t shared_bytes) {
   *num_blocks = ::cuda_emulation::max_active_ctas_per_sm(block_size, shared_bytes);
   return cudaSuccess;
+}
+
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  return ::cuda_emulation::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
 
 // Device built-ins. Loads are plain loads (cache hints mean nothing here).
