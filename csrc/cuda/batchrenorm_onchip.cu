@@ -135,6 +135,33 @@ struct Tile {
     return spill[static_cast<int64_t>(i - KR) * kThreads + threadIdx.x];
   }
 
+  // item = load(position) for every item; the loads are issued before they are used: all the
+  // register items at once, then the shared-memory ones kSpillBatch at a time (a load then a
+  // store per item would keep one load per thread in flight).
+  static constexpr int kSpillBatch = 4;
+  template <bool NHWC, typename Load>
+  __device__ __forceinline__ void load_all(const Geometry<NHWC>& g, Load&& load) {
+#pragma unroll
+    for (int i = 0; i < KR; ++i) {
+      if (i < items) {
+        const int64_t a = g.position(i);
+        if (a >= 0) reg[i] = load(a);
+      }
+    }
+    for (int i0 = KR; i0 < items; i0 += kSpillBatch) {
+      Item batch[kSpillBatch];
+#pragma unroll
+      for (int j = 0; j < kSpillBatch; ++j) {
+        const int64_t a = i0 + j < items ? g.position(i0 + j) : -1;
+        if (a >= 0) batch[j] = load(a);
+      }
+#pragma unroll
+      for (int j = 0; j < kSpillBatch; ++j) {
+        if (i0 + j < items && g.position(i0 + j) >= 0) at(i0 + j) = batch[j];
+      }
+    }
+  }
+
   // f(i, item&) for every item i < items this thread holds at a valid position. The register
   // part is unrolled (registers cannot be indexed at run time).
   template <bool NHWC, typename F>
@@ -188,9 +215,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   Tile<Vec<T, V>, register_tile_bytes(sizeof(T), V, NHWC)> tile;
   tile.spill = reinterpret_cast<Vec<T, V>*>(batchrenorm_dynamic_smem);
   tile.items = plan.items;
-  tile.template for_each<NHWC>(g, [&](int64_t a, Vec<T, V>& item) {
-    item = load_vec<T, V>(x, item_index<V, NHWC>(L, a, g.c0, sv, inv_sv));
-  });
+  tile.template load_all<NHWC>(
+      g, [&](int64_t a) { return load_vec<T, V>(x, item_index<V, NHWC>(L, a, g.c0, sv, inv_sv)); });
 
   // 2. The leaders read the step and the running buffers (before any CTA advances or updates
   // them), and the shifts.
@@ -332,10 +358,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   Tile<Pair<T, V>, register_tile_bytes(sizeof(T), V, NHWC)> tile;
   tile.spill = reinterpret_cast<Pair<T, V>*>(batchrenorm_dynamic_smem);
   tile.items = plan.items;
-  tile.template for_each<NHWC>(g, [&](int64_t a, Pair<T, V>& item) {
+  tile.template load_all<NHWC>(g, [&](int64_t a) {
     const int64_t index = item_index<V, NHWC>(L, a, g.c0, sv, inv_sv);
-    item.dy = load_vec<T, V>(dy, index);
-    item.x = load_vec<T, V>(x, index);
+    return Pair<T, V>{load_vec<T, V>(dy, index), load_vec<T, V>(x, index)};
   });
   if (g.leader) {
 #pragma unroll
