@@ -1,5 +1,5 @@
 """Builds and loads the CUDA emulation (csrc/cuda/emulation): the CUDA kernels of
-csrc/cuda/batchrenorm_kernels.cu compiled by g++ against the emulator, behind the CUDA glue, as
+csrc/cuda/*.cu compiled by g++ against the emulator, behind the CUDA glue, as
 the op namespace torch.ops.batchrenorm_emulated_cuda on CPU tensors.
 
     python tests/cuda_emulation.py [--asan]     build only (make test-cuda-emulation does it)
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import glob
 import os
 import shutil
 import subprocess
@@ -22,7 +23,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 EMU = os.path.join(CSRC, "cuda", "emulation")
-KERNELS = os.path.join(CSRC, "cuda", "batchrenorm_kernels.cu")
+# Every torch-free kernel source (the glue, batchrenorm_cuda.cpp, is the GPU build's only).
+KERNELS = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+EMULATOR = [os.path.join(EMU, f) for f in ("emulator.cpp", "device.cpp", "counters.cpp",
+                                           "selftest_kernels.cu")]
 NAMESPACE = "batchrenorm_emulated_cuda"
 
 
@@ -56,8 +60,8 @@ def build_dir(asan: bool) -> str:
 
 
 def _sources():
-    deps = [KERNELS, os.path.join(CSRC, "batchrenorm.h"),
-            os.path.join(CSRC, "cuda", "batchrenorm_cuda.h")]
+    deps = KERNELS + [os.path.join(CSRC, "batchrenorm.h")]
+    deps += glob.glob(os.path.join(CSRC, "cuda", "*.h")) + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))
     for d, _, files in os.walk(EMU):
         deps += [os.path.join(d, f) for f in files]
     return deps
@@ -92,14 +96,18 @@ def build_library(asan: bool) -> str:
         if asan:
             flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                       "-fno-sanitize-recover=undefined"]
-        # The three compiles side by side: the kernels' file alone takes most of the time.
-        objs, compiles = [], []
-        for src in (KERNELS, os.path.join(EMU, "selftest_kernels.cu"),
-                    os.path.join(EMU, "emulator.cpp")):
+        # The compiles side by side (at most MAX_JOBS at once): the kernels take most of the time.
+        objs, compiles, failed = [], [], []
+        jobs = max(1, int(os.environ.get("MAX_JOBS", "0")) or len(KERNELS + EMULATOR))
+        for src in KERNELS + EMULATOR:
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+            if len(compiles) >= jobs:
+                done = compiles.pop(0)
+                if done.wait() != 0:
+                    failed.append(done.args)
             compiles.append(subprocess.Popen(["g++", *flags, "-x", "c++", "-c", src, "-o", obj]))
             objs.append(obj)
-        failed = [c.args for c in compiles if c.wait() != 0]
+        failed += [c.args for c in compiles if c.wait() != 0]
         if failed:
             raise RuntimeError(f"cuda emulation: compile failed: {failed[0]}")
         tmp = lib + ".tmp"
