@@ -35,6 +35,7 @@
 
 #include "batchrenorm.h"
 #include "cuda/batchrenorm_cuda.h"
+#include "cuda/batchrenorm_global_memory.cuh"
 
 // The dynamic shared memory of this file's kernels (elementwise_kernel's coefficient table),
 // declared once at global scope: one untyped array that every template instantiation casts, so
@@ -93,12 +94,12 @@ struct alignas(sizeof(T) * V) Vec {
 
 template <typename T, int V>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* base, int64_t index) {
-  return *reinterpret_cast<const Vec<T, V>*>(base + index);
+  return load_global(reinterpret_cast<const Vec<T, V>*>(base + index));
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* base, int64_t index, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(base + index) = v;
+  store_global(reinterpret_cast<Vec<T, V>*>(base + index), v);
 }
 
 // floor(a / b) for 0 <= a < 2^50, b > 0, given inv_b = 1.0 / b from the host: an fp64 multiply
@@ -243,7 +244,7 @@ __device__ __forceinline__ void for_each_in_unit(const Params<T, acc_t>& p, int6
 // off by ~5e-4, i.e. 5% of a 1e-2 standard deviation.
 template <bool NHWC, typename T, typename acc_t>
 __device__ __forceinline__ acc_t channel_shift(const Params<T, acc_t>& p, int64_t c) {
-  return to_acc(p.x[NHWC ? c : c * p.S]);
+  return to_acc(load_global(p.x + (NHWC ? c : c * p.S)));
 }
 
 template <typename T, int V>
@@ -276,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // The step is read before the first grid barrier, and incremented only after it. The clip
   // bounds and the running-average factor (float64 divisions) are computed here, while few
   // registers are live, rather than in phase 2.
-  const int64_t step = p.num_batches_tracked != nullptr ? *p.num_batches_tracked : 0;
+  const int64_t step = p.num_batches_tracked != nullptr ? load_global(p.num_batches_tracked) : 0;
   acc_t r_max = acc_t(1), d_max = acc_t(0), factor = acc_t(0);
   if (p.mode == kTrain) {
     double r_max_d = 1.0, d_max_d = 0.0;
@@ -354,13 +355,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
         for (int k = 0; k < R; ++k) {
           if (c0 + k < p.C) {
-            part_mean[slice * p.C + c0 + k] = mean[k];
-            part_m2[slice * p.C + c0 + k] = m2[k];
+            store_global(part_mean + slice * p.C + c0 + k, mean[k]);
+            store_global(part_m2 + slice * p.C + c0 + k, m2[k]);
           }
         }
       } else {
-        part_mean[slice * p.C + group] = mean[0];
-        part_m2[slice * p.C + group] = m2[0];
+        store_global(part_mean + slice * p.C + group, mean[0]);
+        store_global(part_m2 + slice * p.C + group, m2[0]);
       }
     }
     __syncthreads();
@@ -376,8 +377,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   for (int64_t c = warp; c < p.C; c += nwarps) {
     acc_t mean = 0, m2 = 0, n = 0;
     for (int64_t s = lane; s < p.splits; s += 32) {
-      chan_merge(mean, m2, n, __ldcg(part_mean + s * p.C + c), __ldcg(part_m2 + s * p.C + c),
-                 slice_count(p, s));
+      chan_merge(mean, m2, n, load_global_cg(part_mean + s * p.C + c),
+                 load_global_cg(part_m2 + s * p.C + c), slice_count(p, s));
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
@@ -392,15 +393,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const acc_t mean_shifted = mean;
       mean = shift + mean_shifted;
       if (p.mode == kStats) {
-        p.out0[c] = mean;
-        p.out1[c] = m2;
+        store_global(p.out0 + c, mean);
+        store_global(p.out1 + c, m2);
       } else {
         const acc_t var = m2 * static_cast<acc_t>(p.inv_m);
         const bool has_running = p.running_mean != nullptr;
-        const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
-        const acc_t b = p.bias != nullptr ? p.bias[c] : acc_t(0);
-        const acc_t run_mean = has_running ? p.running_mean[c] : acc_t(0);
-        const acc_t run_var = has_running ? p.running_var[c] : acc_t(1);
+        const acc_t w = p.weight != nullptr ? load_global(p.weight + c) : acc_t(1);
+        const acc_t b = p.bias != nullptr ? load_global(p.bias + c) : acc_t(0);
+        const acc_t run_mean = has_running ? load_global(p.running_mean + c) : acc_t(0);
+        const acc_t run_var = has_running ? load_global(p.running_var + c) : acc_t(1);
         ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
             mean, var, static_cast<acc_t>(p.eps), has_running, run_mean, run_var, r_max, d_max,
             w, b);
@@ -411,18 +412,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           const acc_t sigma = sqrt(run_var + static_cast<acc_t>(p.eps));
           k.d = clamp_to<acc_t>(((shift - run_mean) + mean_shifted) / sigma, -d_max, d_max);
         }
-        p.out0[c] = mean;
-        p.out1[c] = k.invstd;
-        p.out2[c] = k.r;
-        p.out3[c] = k.d;
+        store_global(p.out0 + c, mean);
+        store_global(p.out1 + c, k.invstd);
+        store_global(p.out2 + c, k.r);
+        store_global(p.out3 + c, k.d);
         // y = ((x - shift) - mean_shifted) * scale + (b + w * d): centred on the unrounded
         // mean, so no cancellation when |mean| >> std.
-        coef[c] = shift;
-        coef[p.C + c] = mean_shifted;
-        coef[2 * p.C + c] = k.scale;
-        coef[3 * p.C + c] = b + w * k.d;
+        store_global(coef + c, shift);
+        store_global(coef + p.C + c, mean_shifted);
+        store_global(coef + 2 * p.C + c, k.scale);
+        store_global(coef + 3 * p.C + c, b + w * k.d);
         if (has_running) {
-          update_running<acc_t>(mean, var, p.M, factor, p.running_mean + c, p.running_var + c);
+          acc_t new_mean = run_mean, new_var = run_var;
+          update_running<acc_t>(mean, var, p.M, factor, &new_mean, &new_var);
+          store_global(p.running_mean + c, new_mean);
+          store_global(p.running_var + c, new_var);
         }
       }
     }
@@ -430,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   if (p.mode == kTrain && p.running_mean != nullptr && p.num_batches_tracked != nullptr &&
       blockIdx.x == 0 && threadIdx.x == 0) {
     // Wraps at the int64 limit as the reference's add_(1) does (signed overflow is undefined).
-    *p.num_batches_tracked = static_cast<int64_t>(static_cast<uint64_t>(step) + 1u);
+    store_global(p.num_batches_tracked, static_cast<int64_t>(static_cast<uint64_t>(step) + 1u));
   }
   if (p.out == nullptr) return;  // uniform over the grid
 
@@ -445,10 +449,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       const int64_t c = c0 + k;
-      ck[k] = __ldcg(coef + c);
-      cm[k] = __ldcg(coef + p.C + c);
-      cs[k] = __ldcg(coef + 2 * p.C + c);
-      ch[k] = __ldcg(coef + 3 * p.C + c);
+      ck[k] = load_global_cg(coef + c);
+      cm[k] = load_global_cg(coef + p.C + c);
+      cs[k] = load_global_cg(coef + 2 * p.C + c);
+      ch[k] = load_global_cg(coef + 3 * p.C + c);
     }
     for_each_in_unit<V, NHWC, kUnrollStats>(
         p, unit, tx, ty, [&](int64_t index) { return load_vec<T, V>(p.x, index); },
@@ -490,7 +494,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int64_t c0 = NHWC ? (group * p.tx + tx) * V : group;
     acc_t mu[R];
 #pragma unroll
-    for (int k = 0; k < R; ++k) mu[k] = c0 + k < p.C ? p.mean_in[c0 + k] : acc_t(0);
+    for (int k = 0; k < R; ++k) mu[k] = c0 + k < p.C ? load_global(p.mean_in + c0 + k) : acc_t(0);
     acc_t sdy[V], sdx[V], sxc[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) sdy[k] = sdx[k] = sxc[k] = acc_t(0);
@@ -546,9 +550,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
       for (int k = 0; k < R; ++k) {
         if (c0 + k < p.C) {
-          part_dy[slice * p.C + c0 + k] = sdy[k];
-          part_dyxc[slice * p.C + c0 + k] = sdx[k];
-          part_xc[slice * p.C + c0 + k] = sxc[k];
+          store_global(part_dy + slice * p.C + c0 + k, sdy[k]);
+          store_global(part_dyxc + slice * p.C + c0 + k, sdx[k]);
+          store_global(part_xc + slice * p.C + c0 + k, sxc[k]);
         }
       }
     }
@@ -565,9 +569,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   for (int64_t c = warp; c < p.C; c += nwarps) {
     acc_t sdy = 0, sdx = 0, sxc = 0;
     for (int64_t s = lane; s < p.splits; s += 32) {
-      sdy += __ldcg(part_dy + s * p.C + c);
-      sdx += __ldcg(part_dyxc + s * p.C + c);
-      sxc += __ldcg(part_xc + s * p.C + c);
+      sdy += load_global_cg(part_dy + s * p.C + c);
+      sdx += load_global_cg(part_dyxc + s * p.C + c);
+      sxc += load_global_cg(part_xc + s * p.C + c);
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
@@ -576,30 +580,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       sxc += __shfl_down_sync(0xffffffffu, sxc, offset);
     }
     if (lane == 0) {
-      const acc_t invstd = p.invstd_in[c];
+      const acc_t invstd = load_global(p.invstd_in + c);
       const acc_t inv_m = static_cast<acc_t>(p.inv_m);
       // Only the batch's own mean has a residue to recover; backward_reduce and the eval
       // backward take the mean they are given at its word.
       const acc_t residue = p.mode == kBackward && p.batch_stats ? sxc * inv_m : acc_t(0);
       const acc_t sdxhat = (sdx - residue * sdy) * invstd;
       if (p.mode == kReduce) {
-        p.out0[c] = sdy;
-        p.out1[c] = sdxhat;
+        store_global(p.out0 + c, sdy);
+        store_global(p.out1 + c, sdxhat);
       } else {
-        const acc_t r = p.r_in != nullptr ? p.r_in[c] : acc_t(1);
-        const acc_t d = p.d_in != nullptr ? p.d_in[c] : acc_t(0);
-        if (p.out0 != nullptr) p.out0[c] = r * sdxhat + d * sdy;
-        if (p.out1 != nullptr) p.out1[c] = sdy;
-        const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
+        const acc_t r = p.r_in != nullptr ? load_global(p.r_in + c) : acc_t(1);
+        const acc_t d = p.d_in != nullptr ? load_global(p.d_in + c) : acc_t(0);
+        if (p.out0 != nullptr) store_global(p.out0 + c, r * sdxhat + d * sdy);
+        if (p.out1 != nullptr) store_global(p.out1 + c, sdy);
+        const acc_t w = p.weight != nullptr ? load_global(p.weight + c) : acc_t(1);
         const acc_t k = w * r * invstd;
         const acc_t mean_dy = p.batch_stats ? sdy * inv_m : acc_t(0);
         const acc_t mean_dyxhat = p.batch_stats ? sdxhat * inv_m : acc_t(0);
         // dx = k * (dy - mean_dy - xhat * mean_dyxhat), xhat = (x - mean - residue) * invstd.
         const acc_t a = -k * invstd * mean_dyxhat;
-        coef[c] = p.mean_in[c];
-        coef[p.C + c] = k;
-        coef[2 * p.C + c] = a;
-        coef[3 * p.C + c] = -k * mean_dy - a * residue;
+        store_global(coef + c, load_global(p.mean_in + c));
+        store_global(coef + p.C + c, k);
+        store_global(coef + 2 * p.C + c, a);
+        store_global(coef + 3 * p.C + c, -k * mean_dy - a * residue);
       }
     }
   }
@@ -616,10 +620,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       const int64_t c = c0 + k;
-      cm[k] = __ldcg(coef + c);
-      ck[k] = __ldcg(coef + p.C + c);
-      ca[k] = __ldcg(coef + 2 * p.C + c);
-      cb[k] = __ldcg(coef + 3 * p.C + c);
+      cm[k] = load_global_cg(coef + c);
+      ck[k] = load_global_cg(coef + p.C + c);
+      ca[k] = load_global_cg(coef + 2 * p.C + c);
+      cb[k] = load_global_cg(coef + 3 * p.C + c);
     }
     for_each_in_unit<V, NHWC, kUnrollGrad>(
         p, unit, tx, ty,
@@ -665,7 +669,7 @@ struct ElementwiseParams {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t ld_or(const acc_t* p, int64_t c, acc_t fallback) {
-  return p != nullptr ? __ldg(p + c) : fallback;
+  return p != nullptr ? load_global_ro(p + c) : fallback;
 }
 
 // Per-channel coefficients of out = (x - m) * a + bb * dy + e.
@@ -674,8 +678,8 @@ __device__ __forceinline__ void channel_coeffs(const ElementwiseParams<T, acc_t>
                                                acc_t& m, acc_t& a, acc_t& bb, acc_t& e) {
   switch (static_cast<ElementwiseMode>(p.mode)) {
     case ElementwiseMode::kEval: {
-      const acc_t invstd = acc_t(1) / sqrt(__ldg(p.p1 + c) + p.eps);
-      m = __ldg(p.p0 + c);
+      const acc_t invstd = acc_t(1) / sqrt(load_global_ro(p.p1 + c) + p.eps);
+      m = load_global_ro(p.p0 + c);
       a = ld_or(p.p2, c, acc_t(1)) * invstd;
       bb = acc_t(0);
       e = ld_or(p.p3, c, acc_t(0));
@@ -683,22 +687,22 @@ __device__ __forceinline__ void channel_coeffs(const ElementwiseParams<T, acc_t>
     }
     case ElementwiseMode::kNormalize:
       m = acc_t(0);
-      a = __ldg(p.p0 + c);
+      a = load_global_ro(p.p0 + c);
       bb = acc_t(0);
-      e = __ldg(p.p1 + c);
+      e = load_global_ro(p.p1 + c);
       break;
     case ElementwiseMode::kBackwardInput: {
-      const acc_t scale = __ldg(p.p2 + c);
-      m = __ldg(p.p0 + c);
-      a = -scale * __ldg(p.p1 + c) * __ldg(p.p4 + c);
+      const acc_t scale = load_global_ro(p.p2 + c);
+      m = load_global_ro(p.p0 + c);
+      a = -scale * load_global_ro(p.p1 + c) * load_global_ro(p.p4 + c);
       bb = scale;
-      e = -scale * __ldg(p.p3 + c);
+      e = -scale * load_global_ro(p.p3 + c);
       break;
     }
     default:  // kScaleGrad
       m = acc_t(0);
       a = acc_t(0);
-      bb = ld_or(p.p0, c, acc_t(1)) * ld_or(p.p1, c, acc_t(1)) * __ldg(p.p2 + c);
+      bb = ld_or(p.p0, c, acc_t(1)) * ld_or(p.p1, c, acc_t(1)) * load_global_ro(p.p2 + c);
       e = acc_t(0);
       break;
   }
