@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 EMU = os.path.join(CSRC, "cuda", "emulation")
@@ -161,6 +163,50 @@ def random_schedules(module, seeds):
         yield
     finally:
         module.set_random_schedules(saved)
+
+
+@contextlib.contextmanager
+def launch_log(module):
+    """Collects the emulated launches made inside the block, each run under the in-order
+    schedule only (counting needs no reruns, and large tensors make them slow): yields a list
+    that is filled, on leaving the block, with their launch_log() records (dicts: kernel, op,
+    grid, block, shared_bytes, cooperative, ok, seed, device, ctas, grid_syncs, bytes_read,
+    bytes_written, max_cta_bytes)."""
+    records = []
+    module.reset_launch_log()
+    with random_schedules(module, []):
+        yield records
+    records.extend(r for r in module.launch_log() if r["seed"] == 0)
+
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+           "rows": torch.contiguous_format}
+
+
+def count_train_step(module, shape, layout, dtype, seed=0):
+    """A training step's two fused ops on the current emulated device, as the autograd calls
+    them (forward_train with weight, bias and running statistics; backward with the batch's
+    statistics and every gradient): {"forward_train": records, "backward": records,
+    "tensor_bytes": bytes of one tensor of `shape`, "channels": C}. `layout`: "contiguous",
+    "channels_last" (4-D) or "rows" ((N, C))."""
+    from batchrenorm_cuda.testing import make_params
+
+    ops = getattr(torch.ops, NAMESPACE)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    dy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    C = shape[1]
+    weight, bias, running_mean, running_var = make_params(C, dtype, generator=g)
+    step = torch.zeros((), dtype=torch.long)
+    out = {"tensor_bytes": x.nbytes, "channels": C}
+    with launch_log(module) as records:
+        _, mean, invstd, r, d = ops.forward_train(x, weight, bias, running_mean, running_var, step,
+                                                  0.01, 1e-5, 3.0, 5.0, 0, 0, 0)
+    out["forward_train"] = records
+    with launch_log(module) as records:
+        ops.backward(dy, x, weight, mean, invstd, r, d, True, [True, True, True])
+    out["backward"] = records
+    return out
 
 
 def schedules_from_environment(module) -> None:

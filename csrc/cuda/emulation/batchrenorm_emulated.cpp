@@ -185,6 +185,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "grid_syncs, bytes_read, bytes_written (global memory), max_cta_bytes (the most bytes one "
       "CTA read and wrote).");
   m.def("reset_launch_log", &cuda_emulation::reset_launch_log);
+  m.def("occupancy", &cuda_emulation::occupancy, py::arg("block_size"),
+        py::arg("dynamic_shared") = 0,
+        "CTAs per SM of a kernel of block_size threads and dynamic_shared bytes on the current "
+        "fake device (with its assumed registers and static shared memory per kernel).");
   m.def(
       "set_device_h100", [] { return cuda_emulation::set_device_properties(cuda_emulation::h100_properties()); },
       "Select the fake H100 (cuda_emulation.h: h100_properties); returns its device id.");

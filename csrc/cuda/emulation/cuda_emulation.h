@@ -16,6 +16,7 @@
 // any other way.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -53,6 +54,9 @@ int set_device_properties(const DeviceProperties& props);
 // CTAs each (so a kernel of 256 threads gets min(ctas_per_sm, 2) per SM).
 int set_device(int sms, int ctas_per_sm);
 DeviceProperties device_properties();
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor on the current device for a kernel of
+// `block_size` threads and `dynamic_shared` bytes without per-kernel attributes.
+int occupancy(int block_size, size_t dynamic_shared);
 
 // 0: the in-order schedule (fibers round-robin, CTAs in index order). Other values seed a random
 // schedule: the next fiber and the next CTA are drawn at random at every switch, and a CTA is

@@ -113,6 +113,12 @@ int set_device(int sms, int ctas_per_sm) {
 
 DeviceProperties device_properties() { return detail::current_device(); }
 
+int occupancy(int block_size, size_t dynamic_shared) {
+  const DeviceProperties d = detail::current_device();
+  if (dynamic_shared > static_cast<size_t>(d.shared_per_block)) return 0;
+  return detail::occupancy(d, block_size, dynamic_shared);
+}
+
 namespace detail {
 
 DeviceProperties current_device(int* id) {

@@ -8,6 +8,8 @@
 
 #include "cuda_emulation.h"
 
+extern __shared__ __align__(16) unsigned char batchrenorm_dynamic_smem[];
+
 namespace {
 
 namespace cg = cooperative_groups;
@@ -67,6 +69,17 @@ __global__ void cross_cta(float* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[2] = out[1];
 }
 
+// Uses all the dynamic shared memory it is given.
+__global__ void dynamic_shared_kernel(float* out) {
+  float* sm = reinterpret_cast<float*>(batchrenorm_dynamic_smem);
+  const int n = 100 * 1024 / sizeof(float);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sm[i] = 1.0f;
+  __syncthreads();
+  float sum = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sum += sm[i];
+  out[threadIdx.x] = sum;
+}
+
 }  // namespace
 
 namespace cuda_emulation {
@@ -97,6 +110,16 @@ std::string run_selftest(const std::string& name, float* out, int n) {
     err = cudaLaunchCooperativeKernel(grid_sync_kernel, dim3(1000), dim3(32), args, 0, nullptr);
   } else if (name == "cross_cta") {
     err = cudaLaunchCooperativeKernel(cross_cta, dim3(2), dim3(32), args, 0, nullptr);
+  } else if (name == "dynamic_shared_default") {  // 100 KiB without the opt-in attribute
+    err = cudaLaunchKernel(dynamic_shared_kernel, dim3(1), dim3(32), args, 100 * 1024, nullptr);
+  } else if (name == "dynamic_shared_optin") {
+    err = cudaFuncSetAttribute(dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               100 * 1024);
+    if (err == cudaSuccess) {
+      err = cudaLaunchKernel(dynamic_shared_kernel, dim3(1), dim3(32), args, 100 * 1024, nullptr);
+    }
+    cudaFuncSetAttribute(dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         48 * 1024);
   } else {
     return "unknown self-test " + name;
   }
