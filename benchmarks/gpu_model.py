@@ -78,6 +78,7 @@ class Kernel:
 
 
 def kernel_seconds(k: Kernel, P=H100) -> float:
+    """Modelled seconds of one kernel (the formula of the module docstring)."""
     resident = P["sms"] * max(1, min(P["max_ctas_per_sm"], P["max_threads_per_sm"] // k.threads))
     waves = math.ceil(k.ctas / resident)
     busiest = waves * k.max_cta_bytes * P["latency_s"] / max(k.in_flight, 1)
@@ -144,7 +145,7 @@ def _tiny(name: str, C: int, read: int, written: int) -> Kernel:
                   (read + written) // max(1, -(-C // 512)) + 1, 128 * 4 * STAT)
 
 
-def native_kernels(op: str, shape, layout: str, elt: int) -> List[Kernel]:
+def native_kernels(op: str, shape, layout: str, elt: int, P=H100) -> List[Kernel]:
     N, C = shape[0], shape[1]
     HW = math.prod(shape[2:]) if len(shape) > 2 else 1
     T = N * C * HW * elt
@@ -160,7 +161,7 @@ def native_kernels(op: str, shape, layout: str, elt: int) -> List[Kernel]:
             gy = max(1, min(256 * 1024 // C, -(-N // tb)))
             rows = -(-N // (tb * gy)) * tb
             ks.append(Kernel("transform_input", C * gy, tf * tb, T, T,
-                             dram_share(T, 0, working) + T, min(rows, N) * HW * elt * 2,
+                             dram_share(T, 0, working, P) + T, min(rows, N) * HW * elt * 2,
                              tf * tb * NATIVE_LOADS_IN_FLIGHT * elt))
             return ks
         M = N * HW
@@ -176,14 +177,14 @@ def native_kernels(op: str, shape, layout: str, elt: int) -> List[Kernel]:
         gx, gy, bx, by = _flexible(M, C, False)
         rows = -(-M // (by * gy)) * by
         ks.append(Kernel("transform_input_channels_last", gx * gy, bx * by, T, T,
-                         dram_share(T, 0, working) + T, min(rows, M) * bx * elt * 2,
+                         dram_share(T, 0, working, P) + T, min(rows, M) * bx * elt * 2,
                          bx * by * NATIVE_LOADS_IN_FLIGHT * elt))
         return ks
     working = 3 * T
     if layout == "contiguous":
         # The second pass over x and dy is the same CTA's: from L1/L2 when the tensors fit.
         return [Kernel("backward", C, MAX_BLOCK_SIZE, 4 * T, T,
-                       2 * T + dram_share(2 * T, 0, working) + T, 5 * N * HW * elt,
+                       2 * T + dram_share(2 * T, 0, working, P) + T, 5 * N * HW * elt,
                        MAX_BLOCK_SIZE * NATIVE_LOADS_IN_FLIGHT * elt)]
     M = N * HW
     ks = []
@@ -198,7 +199,7 @@ def native_kernels(op: str, shape, layout: str, elt: int) -> List[Kernel]:
     gx, gy, bx, by = _flexible(M, C, False)
     rows = -(-M // (by * gy)) * by
     ks.append(Kernel("backward_elemt_channels_last", gx * gy, bx * by, 2 * T, T,
-                     dram_share(2 * T, 0, working) + T, min(rows, M) * bx * elt * 3,
+                     dram_share(2 * T, 0, working, P) + T, min(rows, M) * bx * elt * 3,
                      bx * by * NATIVE_LOADS_IN_FLIGHT * elt * 2))
     return ks
 
@@ -215,7 +216,7 @@ def OURS_IN_FLIGHT(op: str, shape, layout: str, elt: int) -> int:
     return 256 * 4 * vector
 
 
-def ours_kernels(op: str, shape, layout: str, elt: int, records) -> List[Kernel]:
+def ours_kernels(op: str, shape, layout: str, elt: int, records, P=H100) -> List[Kernel]:
     T = math.prod(shape) * elt
     unique = 2 * T if op == "forward_train" else 3 * T
     ks = []
@@ -223,9 +224,8 @@ def ours_kernels(op: str, shape, layout: str, elt: int, records) -> List[Kernel]
         moved = r["bytes_read"] + r["bytes_written"]
         # The first launch brings the op's tensors from DRAM; re-reads (and later launches)
         # come from L2 when they fit.
-        dram = dram_share(moved, unique if i == 0 else 0, unique)
-        threads = r["block"][0] * r["block"][1] * r["block"][2]
-        ks.append(Kernel(r["kernel"], r["ctas"], threads, r["bytes_read"], r["bytes_written"],
+        dram = dram_share(moved, unique if i == 0 else 0, unique, P)
+        ks.append(Kernel(r["kernel"], r["ctas"], r["threads"], r["bytes_read"], r["bytes_written"],
                          dram, r["max_cta_bytes"], OURS_IN_FLIGHT(op, shape, layout, elt),
                          r["grid_syncs"]))
     return ks
@@ -272,6 +272,16 @@ def _count(case):
     return case, counted
 
 
+def price(row: Dict, P=H100):
+    """(fused, native) modelled microseconds of one record of the JSON under parameters P
+    (tests/gpu/calibrate.py reprices with measured ones)."""
+    shape, elt = tuple(row["shape"]), {"float32": 4, "bfloat16": 2, "float16": 2}[row["dtype"]]
+    ours = ours_kernels(row["op"], shape, row["layout"], elt, row["launch_records"], P)
+    native = native_kernels(row["op"], shape, row["layout"], elt, P)
+    return (1e6 * sum(kernel_seconds(k, P) for k in ours),
+            1e6 * sum(kernel_seconds(k, P) for k in native), len(native))
+
+
 def model(counted_cases) -> List[Dict]:
     from batchrenorm_cuda.testing import fits_on_chip, traffic_limit
 
@@ -281,13 +291,11 @@ def model(counted_cases) -> List[Dict]:
         T = counted["tensor_bytes"]
         for op in ("forward_train", "backward"):
             recs = counted[op]
-            ours = ours_kernels(op, shape, layout, elt, recs)
-            native = native_kernels(op, shape, layout, elt)
             moved_in, moved_out = (T, T) if op == "forward_train" else (2 * T, T)
             fits = fits_on_chip(moved_in, counted["device"])
             read = sum(r["bytes_read"] for r in recs)
             written = sum(r["bytes_written"] for r in recs)
-            rows.append({
+            row = {
                 "op": op, "shape": list(shape), "layout": layout,
                 "dtype": str(dtype).split(".")[-1],
                 "launches": len(recs), "grid_syncs": sum(r["grid_syncs"] for r in recs),
@@ -299,11 +307,16 @@ def model(counted_cases) -> List[Dict]:
                 "traffic_rule_met": (len(recs) == 1 and (not fits or (
                     read <= traffic_limit(moved_in, shape[1])
                     and written <= traffic_limit(moved_out, shape[1])))),
-                "modeled_us": 1e6 * sum(kernel_seconds(k) for k in ours),
-                "native_modeled_us": 1e6 * sum(kernel_seconds(k) for k in native),
-                "native_launches": len(native),
                 "floor_us": 1e6 * (moved_in + moved_out) / H100["hbm_bytes_per_s"],
-            })
+                "launch_records": [
+                    {"kernel": r["kernel"], "ctas": r["ctas"], "threads": math.prod(r["block"]),
+                     "shared_bytes": r["shared_bytes"], "cooperative": r["cooperative"],
+                     "grid_syncs": r["grid_syncs"], "bytes_read": r["bytes_read"],
+                     "bytes_written": r["bytes_written"], "max_cta_bytes": r["max_cta_bytes"]}
+                    for r in recs],
+            }
+            row["modeled_us"], row["native_modeled_us"], row["native_launches"] = price(row)
+            rows.append(row)
     return rows
 
 
