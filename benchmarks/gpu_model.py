@@ -376,7 +376,8 @@ def write_markdown(rows, path, seconds, device):
             f"{f['native_modeled_us'] + b['native_modeled_us']:.1f} | "
             f"{f['floor_us'] + b['floor_us']:.1f} | {step_ratio[k]:.2f} | "
             f"{f['launches']}/{b['launches']} | {f['grid_syncs']}/{b['grid_syncs']} | "
-            f"{f['bytes_read'] / f['tensor_bytes']:.2f}, {b['bytes_read'] / b['tensor_bytes']:.2f} |")
+            f"{f['bytes_read'] / f['tensor_bytes']:.2f}, "
+            f"{b['bytes_read'] / b['tensor_bytes']:.2f} |")
     lines += ["", "## Every op", "",
               "| op | case | launches | grid syncs | CTAs | read / tensor | written / tensor | "
               "fits on chip | rule met | fused us | native us | floor us |",
@@ -385,7 +386,8 @@ def write_markdown(rows, path, seconds, device):
         lines.append(
             f"| {r['op']} | {_case_name(r)} | {r['launches']} | {r['grid_syncs']} | {r['ctas']} | "
             f"{r['bytes_read'] / r['tensor_bytes']:.2f} | "
-            f"{r['bytes_written'] / r['tensor_bytes']:.2f} | {'yes' if r['fits_on_chip'] else 'no'} | "
+            f"{r['bytes_written'] / r['tensor_bytes']:.2f} | "
+            f"{'yes' if r['fits_on_chip'] else 'no'} | "
             f"{'yes' if r['traffic_rule_met'] else 'NO'} | {r['modeled_us']:.1f} | "
             f"{r['native_modeled_us']:.1f} | {r['floor_us']:.1f} |")
     with open(path, "w") as f:

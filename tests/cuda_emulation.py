@@ -63,7 +63,8 @@ def build_dir(asan: bool) -> str:
 
 def _sources():
     deps = KERNELS + [os.path.join(CSRC, "batchrenorm.h")]
-    deps += glob.glob(os.path.join(CSRC, "cuda", "*.h")) + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))
+    for pattern in ("*.h", "*.cuh"):
+        deps += glob.glob(os.path.join(CSRC, "cuda", pattern))
     for d, _, files in os.walk(EMU):
         deps += [os.path.join(d, f) for f in files]
     return deps

@@ -81,27 +81,65 @@ struct Warp {
   boost::fibers::condition_variable cv;
 };
 
-// The reads a CTA made since its last barrier (a hash of 1024 slots: address and size, tagged
-// with the barrier interval). A read found here is not counted again: on a GPU the lanes of a
-// warp reading one address are one request, and a value the CTA read moments ago comes from L1.
-// Reset by every barrier, so a pass over a tensor in each phase of a kernel counts each time,
-// and a tensor streamed twice without a barrier still counts twice once it exceeds the filter.
-struct ReadFilter {
-  static constexpr int kSlots = 1024;
-  uint64_t key[kSlots] = {};
-  uint64_t interval[kSlots] = {};
-  uint64_t now = 1;
+// The reads a CTA made since its last barrier: a set of (address, size), cleared by every
+// barrier. A read found in it is not counted again: on a GPU the lanes of a warp reading one
+// address are one request, and a value the CTA read moments ago comes from L1. A pass over a
+// tensor in each phase of a kernel still counts each time. The set is exact (open addressing
+// that grows, never evicts): fibers run a barrier-free stretch of code one thread after another,
+// so a per-channel value all threads read is far apart in time, and a lossy filter would count
+// it again for many threads.
+class ReadFilter {
+ public:
+  ReadFilter() : key_(kInitial), interval_(kInitial) {}
+
+  void next_interval() {
+    ++now_;
+    live_ = 0;
+  }
 
   // True when (address, bytes) is new in this interval (and records it).
   bool first_read(const void* address, size_t bytes) {
-    const uint64_t a = reinterpret_cast<uintptr_t>(address);
-    const uint64_t k = a ^ (static_cast<uint64_t>(bytes) << 56);
-    const size_t slot = static_cast<size_t>(((a >> 2) * 0x9E3779B97F4A7C15ull) >> 54);
-    if (key[slot] == k && interval[slot] == now) return false;
-    key[slot] = k;
-    interval[slot] = now;
-    return true;
+    const uint64_t k =
+        reinterpret_cast<uintptr_t>(address) ^ (static_cast<uint64_t>(bytes) << 56);
+    const size_t mask = key_.size() - 1;
+    for (size_t i = mix(k) & mask;; i = (i + 1) & mask) {
+      if (interval_[i] != now_) {
+        key_[i] = k;
+        interval_[i] = now_;
+        if (2 * ++live_ > key_.size()) grow();
+        return true;
+      }
+      if (key_[i] == k) return false;
+    }
   }
+
+ private:
+  static constexpr size_t kInitial = 4096;
+
+  static uint64_t mix(uint64_t h) {  // splitmix64's finaliser
+    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ull;
+    h = (h ^ (h >> 27)) * 0x94D049BB133111EBull;
+    return h ^ (h >> 31);
+  }
+
+  void grow() {
+    std::vector<uint64_t> keys(2 * key_.size()), intervals(2 * key_.size());
+    const size_t mask = keys.size() - 1;
+    for (size_t j = 0; j < key_.size(); ++j) {
+      if (interval_[j] != now_) continue;
+      size_t i = mix(key_[j]) & mask;
+      while (intervals[i] == now_) i = (i + 1) & mask;
+      keys[i] = key_[j];
+      intervals[i] = now_;
+    }
+    key_.swap(keys);
+    interval_.swap(intervals);
+  }
+
+  std::vector<uint64_t> key_;
+  std::vector<uint64_t> interval_;  // the interval a slot was filled in; 0: never
+  uint64_t now_ = 1;
+  size_t live_ = 0;
 };
 
 struct Launch;
@@ -365,7 +403,7 @@ void barrier(const Site& site, bool grid) {
       tls_fiber = &me;
     }
     ++c.gen;
-    ++c.seen.now;
+    c.seen.next_interval();
     release(c, 0, c.nthreads, 0xffffffffu);
     c.bar_cv.notify_all();
     if (check_abort(c)) return;

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 
+#include "cuda/batchrenorm_global_memory.cuh"
 #include "cuda_emulation.h"
 
 extern __shared__ __align__(16) unsigned char batchrenorm_dynamic_smem[];
@@ -69,6 +70,21 @@ __global__ void cross_cta(float* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[2] = out[1];
 }
 
+// Global traffic the emulator counts (tests/test_cuda_traffic.py): each of 32 threads per CTA
+// reads in[t] and the broadcast in[0] (one read of 128 bytes per CTA: repeats since the last
+// barrier count once), and after a barrier reads in[t] again (128 bytes more), then writes 32
+// floats. Per CTA: 256 bytes read, 128 written.
+__global__ void count_traffic(float* out) {
+  using batchrenorm::cuda::load_global;
+  using batchrenorm::cuda::store_global;
+  const float* in = out + 64;
+  float v = load_global(in + threadIdx.x) + load_global(in);
+  v += load_global(in + threadIdx.x);
+  __syncthreads();
+  v += load_global(in + threadIdx.x);
+  store_global(out + blockIdx.x * 32 + threadIdx.x, v);
+}
+
 // Uses all the dynamic shared memory it is given.
 __global__ void dynamic_shared_kernel(float* out) {
   float* sm = reinterpret_cast<float*>(batchrenorm_dynamic_smem);
@@ -110,6 +126,8 @@ std::string run_selftest(const std::string& name, float* out, int n) {
     err = cudaLaunchCooperativeKernel(grid_sync_kernel, dim3(1000), dim3(32), args, 0, nullptr);
   } else if (name == "cross_cta") {
     err = cudaLaunchCooperativeKernel(cross_cta, dim3(2), dim3(32), args, 0, nullptr);
+  } else if (name == "count_traffic") {
+    err = cudaLaunchKernel(count_traffic, dim3(2), dim3(32), args, 0, nullptr);
   } else if (name == "dynamic_shared_default") {  // 100 KiB without the opt-in attribute
     err = cudaLaunchKernel(dynamic_shared_kernel, dim3(1), dim3(32), args, 100 * 1024, nullptr);
   } else if (name == "dynamic_shared_optin") {
