@@ -116,16 +116,17 @@ def test_the_eval_op_reads_x_once_and_writes_y_once(h100):
 
 
 def test_the_log_counts_bytes_per_cta_and_grid_syncs_exactly(h100):
-    # selftest_kernels.cu's count_traffic: per CTA 256 bytes read (a repeat since the last
-    # barrier once, again after it), 128 written; grid_sync: one grid.sync() of 2 CTAs.
-    out = torch.empty(128)
+    # selftest_kernels.cu's count_traffic: per CTA 8448 bytes read (a repeat since the last
+    # barrier once, however far apart; again after it), 128 written; grid_sync: one grid.sync()
+    # of 2 CTAs.
+    out = torch.empty(2176)
     h100.reset_launch_log()
     assert h100.run_selftest("count_traffic", out) == ""
     assert h100.run_selftest("grid_sync", out) == ""
     traffic, sync = h100.launch_log()
     assert (traffic["kernel"], traffic["ctas"], traffic["bytes_read"], traffic["bytes_written"],
             traffic["max_cta_bytes"], traffic["grid_syncs"], traffic["cooperative"]) == (
-        "count_traffic", 2, 512, 256, 384, 0, False), traffic
+        "count_traffic", 2, 2 * 8448, 256, 8448 + 128, 0, False), traffic
     assert (sync["kernel"], sync["grid_syncs"], sync["cooperative"], sync["seed"]) == (
         "grid_sync_kernel", 1, True, 0), sync
 

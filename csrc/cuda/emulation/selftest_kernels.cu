@@ -70,16 +70,18 @@ __global__ void cross_cta(float* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[2] = out[1];
 }
 
-// Global traffic the emulator counts (tests/test_cuda_traffic.py): each of 32 threads per CTA
-// reads in[t] and the broadcast in[0] (one read of 128 bytes per CTA: repeats since the last
-// barrier count once), and after a barrier reads in[t] again (128 bytes more), then writes 32
-// floats. Per CTA: 256 bytes read, 128 written.
+// Global traffic the emulator counts (tests/test_cuda_traffic.py; out must hold 2176 floats).
+// Each of 32 threads per CTA reads in[t] and the broadcast in[0], then 64 values of its own and
+// in[0] again (repeats since the last barrier count once, however many reads lie between), and
+// after a barrier in[t] again; then it writes one float. Per CTA: 128 + 32 * 64 * 4 + 128 =
+// 8448 bytes read, 128 written.
 __global__ void count_traffic(float* out) {
   using batchrenorm::cuda::load_global;
   using batchrenorm::cuda::store_global;
   const float* in = out + 64;
   float v = load_global(in + threadIdx.x) + load_global(in);
-  v += load_global(in + threadIdx.x);
+  for (int i = 0; i < 64; ++i) v += load_global(in + 64 + threadIdx.x * 64 + i);
+  v += load_global(in) + load_global(in + threadIdx.x);
   __syncthreads();
   v += load_global(in + threadIdx.x);
   store_global(out + blockIdx.x * 32 + threadIdx.x, v);
