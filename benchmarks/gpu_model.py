@@ -233,11 +233,14 @@ def ours_kernels(op: str, shape, layout: str, elt: int, records, P=H100) -> List
 
 # ---------------------------------------------------------------------------------------------
 # The cases and the emulation.
-def cases(quick: bool):
+def cases(quick: bool, smoke: bool = False):
     import torch
 
     from batchrenorm_cuda.testing import BATCH_SIZES, RESNET50_SHAPES, RL_SHAPES
 
+    if smoke:  # the script end to end in seconds (tests/test_cuda_traffic.py)
+        return [((2, 16, 8, 8), "contiguous", torch.float32),
+                ((2, 16, 8, 8), "channels_last", torch.bfloat16), ((64, 32), "rows", torch.float32)]
     ns = (1, 8, 32) if quick else BATCH_SIZES
     out = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -422,30 +425,40 @@ def write_plot(rows, step_ratio, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--jobs", type=int, default=2, help="emulating processes (default 2)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="emulating processes (default 2; 1: in this process)")
     ap.add_argument("--quick", action="store_true", help="N in (1, 8, 32) only")
+    ap.add_argument("--smoke", action="store_true", help="3 tiny cases, files named *_smoke")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import cuda_emulation
 
     cuda_emulation.load()  # builds once, before the workers start
-    todo = cases(args.quick)
+    todo = cases(args.quick, args.smoke)
     start = time.time()
     done = []
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(args.jobs) as pool:
-        for i, (case, counted) in enumerate(pool.imap_unordered(_count, todo), 1):
-            done.append((case, counted))
-            shape, layout, dtype = case
-            print(f"[{i}/{len(todo)}] {'x'.join(map(str, shape))} {layout} "
-                  f"{str(dtype).split('.')[-1]}: {counted['cpu_s']:.1f} s", flush=True)
+
+    def report(i, case, counted):
+        done.append((case, counted))
+        shape, layout, dtype = case
+        print(f"[{i}/{len(todo)}] {'x'.join(map(str, shape))} {layout} "
+              f"{str(dtype).split('.')[-1]}: {counted['cpu_s']:.1f} s", flush=True)
+
+    if args.jobs == 1:
+        for i, case in enumerate(todo, 1):
+            report(i, *_count(case))
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for i, (case, counted) in enumerate(pool.imap_unordered(_count, todo), 1):
+                report(i, case, counted)
     seconds = time.time() - start
     done.sort(key=lambda c: (str(c[0][2]), c[0][1], c[0][0]))
     rows = model(done)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "gpu_model_h100" + ("_quick" if args.quick else ""))
+    suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
+    stem = os.path.join(args.out, "gpu_model_h100" + suffix)
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     step_ratio = write_markdown(rows, stem + ".md", seconds, done[0][1]["device"])

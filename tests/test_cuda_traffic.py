@@ -8,7 +8,10 @@ Every case runs under the in-order schedule only (the other emulated tests cover
 BRN_TRAFFIC_ALL=1 runs every ResNet-50 shape at N <= 8 and every RL shape;
 benchmarks/gpu_model.py counts all of them and N up to 32.
 """
+import importlib.util
+import json
 import os
+import sys
 
 import pytest
 import torch
@@ -165,3 +168,25 @@ def test_dynamic_shared_memory_beyond_48_kib_needs_the_opt_in(h100):
     assert "102400 bytes of dynamic shared memory > the kernel's limit of 49152" in fault, fault
     assert h100.run_selftest("dynamic_shared_optin", out) == ""
     assert torch.equal(out[:32], torch.full((32,), 800.0))
+
+
+def test_gpu_model_runs_end_to_end_and_writes_the_documented_record(h100, tmp_path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "gpu_model.py")
+    spec = importlib.util.spec_from_file_location("gpu_model", path)
+    gpu_model = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_model"] = gpu_model  # its dataclass looks itself up there
+    spec.loader.exec_module(gpu_model)
+    gpu_model.main(["--smoke", "--jobs", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "gpu_model_h100_smoke.json").read_text())
+    assert len(rows) == 6 and {r["op"] for r in rows} == {"forward_train", "backward"}
+    for r in rows:
+        assert {"op", "shape", "layout", "dtype", "launches", "grid_syncs", "ctas", "bytes_read",
+                "bytes_written", "tensor_bytes", "fits_on_chip", "modeled_us",
+                "native_modeled_us", "floor_us"} <= set(r)
+        assert r["bytes_read"] >= r["tensor_bytes"] and r["modeled_us"] > 0
+        assert r["native_modeled_us"] > 0 and r["floor_us"] > 0
+        # The JSON reprices to what it says (the calibration's path).
+        assert gpu_model.price(r)[:2] == (r["modeled_us"], r["native_modeled_us"])
+    assert "modelled, not measured" in (tmp_path / "gpu_model_h100_smoke.md").read_text()
+    assert (tmp_path / "gpu_model_h100_smoke.png").stat().st_size > 10_000
