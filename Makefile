@@ -2,7 +2,11 @@
 #             kernels included, and their AddressSanitizer run)
 # make test-cuda-emulation   build the emulated CUDA kernels and run only their tests
 # make bench  set up .venv, build, run the benchmark on the default device (CUDA if present),
-#             then the module-level one (CPU: BatchRenormNd vs nn.BatchNormNd, 1 and 2 threads)
+#             then the module-level one (CPU: BatchRenormNd vs nn.BatchNormNd, 1 and 2 threads),
+#             then gpu-model
+# make gpu-model  the CUDA kernels' work counted on the emulated H100 and priced with public
+#             H100 figures against ATen's native kernels: modelled, not measured
+#             (benchmarks/results/gpu_model_h100.*; 5-10 minutes on 2 cores)
 # make fuzz   the reliability campaign (README, "Reliability"): 5,000 differential cases on every
 #             backend, 12,000 adversarial op calls (and 1,000 on the emulated CUDA ops), the op
 #             calls again under an AddressSanitizer + UBSan build of the CPU extension, and a
@@ -20,7 +24,7 @@ BENCH_ARGS ?=
 TEST_WORKERS ?= auto
 SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: test test-cuda-emulation bench accuracy fuzz build venv clean system-deps
+.PHONY: test test-cuda-emulation bench gpu-model accuracy fuzz build venv clean system-deps
 
 # Boost.Fiber runs the emulated CUDA threads (tests/cuda_emulation.py); installed when missing.
 system-deps:
@@ -53,9 +57,13 @@ fuzz: build system-deps
 	$(PY) tests/fuzz_ops.py --asan --calls 12000
 	$(PY) tests/fuzz_big.py
 
-bench: build
+bench: build system-deps
 	$(PY) benchmarks/bench_batchrenorm.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_modules.py $(BENCH_MODULES_ARGS)
+	$(MAKE) gpu-model
+
+gpu-model: build system-deps
+	$(PY) benchmarks/gpu_model.py $(GPU_MODEL_ARGS)
 
 accuracy: build
 	$(PY) benchmarks/accuracy.py $(ACCURACY_ARGS)

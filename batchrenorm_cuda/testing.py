@@ -26,6 +26,35 @@ RESNET50_SHAPES: Tuple[Tuple[int, int, int], ...] = (
     (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7),
 )
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+# Reinforcement-learning critics' activations (CrossQ): (N, C) rows.
+RL_SHAPES: Tuple[Tuple[int, int], ...] = tuple((n, c) for n in (256, 512) for c in (64, 256, 2048))
+
+# The CUDA kernels' memory-traffic rule (issue 19), checked on the emulated H100 by
+# tests/test_cuda_traffic.py and reported by benchmarks/gpu_model.py. When an op's tensors fit
+# in half of the device's on-chip storage (registers and shared memory of all SMs), a single
+# launch can keep them on chip, so it reads each input tensor once and writes each output once:
+# the counted bytes may exceed the tensors' by TRAFFIC_SLACK (tile edges, a few shared reads),
+# plus PER_CHANNEL_VECTORS float vectors of length C (weight, bias, the running statistics,
+# the saved statistics and r, d, their updates, and a per-channel workspace round trip).
+TRAFFIC_SLACK = 0.05
+PER_CHANNEL_VECTORS = 16
+
+
+def on_chip_bytes(device: Dict[str, int]) -> int:
+    """Registers and shared memory over all SMs of a device (the CUDA emulator's
+    device_properties(): an H100 has 132 x (256 KiB + 228 KiB) = 63.9 MB)."""
+    return device["sms"] * (4 * device["registers_per_sm"] + device["shared_per_sm"])
+
+
+def fits_on_chip(tensor_bytes: int, device: Dict[str, int]) -> bool:
+    """Whether tensors of `tensor_bytes` together fit in half the device's on-chip storage."""
+    return 2 * tensor_bytes <= on_chip_bytes(device)
+
+
+def traffic_limit(tensor_bytes: int, channels: int, stat_bytes: int = 4) -> float:
+    """The most global-memory bytes an op may read (write) to move `tensor_bytes` of tensors
+    once, under the rule above."""
+    return (1 + TRAFFIC_SLACK) * tensor_bytes + PER_CHANNEL_VECTORS * channels * stat_bytes
 
 
 def tolerance(dtype: torch.dtype) -> Dict[str, float]:

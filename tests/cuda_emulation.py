@@ -1,4 +1,4 @@
-"""Builds and loads the CUDA emulation (csrc/cuda/emulation): the torch-free CUDA kernels of
+"""Builds and loads the CUDA emulation (csrc/cuda/emulation): the CUDA kernels of
 csrc/cuda/*.cu compiled by g++ against the emulator, behind the CUDA glue, as
 the op namespace torch.ops.batchrenorm_emulated_cuda on CPU tensors.
 
@@ -20,11 +20,15 @@ import shutil
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 EMU = os.path.join(CSRC, "cuda", "emulation")
-# Every torch-free kernel file (the glue, batchrenorm_cuda.cpp, is the emulated extension's).
+# Every torch-free kernel source (the glue, batchrenorm_cuda.cpp, is the GPU build's only).
 KERNELS = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+EMULATOR = [os.path.join(EMU, f) for f in ("emulator.cpp", "device.cpp", "counters.cpp",
+                                           "selftest_kernels.cu")]
 NAMESPACE = "batchrenorm_emulated_cuda"
 
 
@@ -58,9 +62,9 @@ def build_dir(asan: bool) -> str:
 
 
 def _sources():
-    deps = [*KERNELS, os.path.join(CSRC, "batchrenorm.h"),
-            *glob.glob(os.path.join(CSRC, "cuda", "*.h")),
-            *glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))]
+    deps = KERNELS + [os.path.join(CSRC, "batchrenorm.h")]
+    for pattern in ("*.h", "*.cuh"):
+        deps += glob.glob(os.path.join(CSRC, "cuda", pattern))
     for d, _, files in os.walk(EMU):
         deps += [os.path.join(d, f) for f in files]
     return deps
@@ -95,14 +99,18 @@ def build_library(asan: bool) -> str:
         if asan:
             flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                       "-fno-sanitize-recover=undefined"]
-        # The compiles side by side (make test's workers wait on the lock meanwhile).
-        objs, compiles = [], []
-        for src in (*KERNELS, os.path.join(EMU, "selftest_kernels.cu"),
-                    os.path.join(EMU, "emulator.cpp")):
+        # The compiles side by side (at most MAX_JOBS at once): the kernels take most of the time.
+        objs, compiles, failed = [], [], []
+        jobs = max(1, int(os.environ.get("MAX_JOBS", "0")) or len(KERNELS + EMULATOR))
+        for src in KERNELS + EMULATOR:
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+            if len(compiles) >= jobs:
+                done = compiles.pop(0)
+                if done.wait() != 0:
+                    failed.append(done.args)
             compiles.append(subprocess.Popen(["g++", *flags, "-x", "c++", "-c", src, "-o", obj]))
             objs.append(obj)
-        failed = [c.args for c in compiles if c.wait() != 0]
+        failed += [c.args for c in compiles if c.wait() != 0]
         if failed:
             raise RuntimeError(f"cuda emulation: compile failed: {failed[0]}")
         tmp = lib + ".tmp"
@@ -156,6 +164,50 @@ def random_schedules(module, seeds):
         yield
     finally:
         module.set_random_schedules(saved)
+
+
+@contextlib.contextmanager
+def launch_log(module):
+    """Collects the emulated launches made inside the block, each run under the in-order
+    schedule only (counting needs no reruns, and large tensors make them slow): yields a list
+    that is filled, on leaving the block, with their launch_log() records (dicts: kernel, op,
+    grid, block, shared_bytes, cooperative, ok, seed, device, ctas, grid_syncs, bytes_read,
+    bytes_written, max_cta_bytes)."""
+    records = []
+    module.reset_launch_log()
+    with random_schedules(module, []):
+        yield records
+    records.extend(r for r in module.launch_log() if r["seed"] == 0)
+
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+           "rows": torch.contiguous_format}
+
+
+def count_train_step(module, shape, layout, dtype, seed=0):
+    """A training step's two fused ops on the current emulated device, as the autograd calls
+    them (forward_train with weight, bias and running statistics; backward with the batch's
+    statistics and every gradient): {"forward_train": records, "backward": records,
+    "tensor_bytes": bytes of one tensor of `shape`, "channels": C}. `layout`: "contiguous",
+    "channels_last" (4-D) or "rows" ((N, C))."""
+    from batchrenorm_cuda.testing import make_params
+
+    ops = getattr(torch.ops, NAMESPACE)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    dy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    C = shape[1]
+    weight, bias, running_mean, running_var = make_params(C, dtype, generator=g)
+    step = torch.zeros((), dtype=torch.long)
+    out = {"tensor_bytes": x.nbytes, "channels": C}
+    with launch_log(module) as records:
+        _, mean, invstd, r, d = ops.forward_train(x, weight, bias, running_mean, running_var, step,
+                                                  0.01, 1e-5, 3.0, 5.0, 0, 0, 0)
+    out["forward_train"] = records
+    with launch_log(module) as records:
+        ops.backward(dy, x, weight, mean, invstd, r, d, True, [True, True, True])
+    out["backward"] = records
+    return out
 
 
 def schedules_from_environment(module) -> None:

@@ -22,7 +22,8 @@ import fused_cases
 
 pytestmark = pytest.mark.cuda_emulation
 
-# (shape, layout, dtype, fake device (SMs, CTAs per SM), expected plan fields)
+# (shape, layout, dtype, fake device (SMs, CTAs per SM; 48 KiB of shared memory per CTA),
+# expected plan fields)
 CASES = [
     # 7x7 at N = 1 is 49 values: one warp per channel, 8 channels per CTA, scalar items.
     ((1, 20, 7, 7), "contiguous", torch.float32, (16, 2), dict(regime="resident", team_warps=1)),
@@ -64,7 +65,11 @@ def _id(case):
 def test_regime_matches_reference(case, cuda_emulation):
     shape, kind, dtype, device, expect = case
     expect = dict(expect)
-    cuda_emulation.set_device(*device)
+    sms, ctas_per_sm = device
+    # An H100's SM with fewer SMs, fewer CTAs each and 48 KiB of shared memory per CTA: small
+    # tensors reach every regime, so the emulator runs them in seconds.
+    cuda_emulation.set_device_properties(sms=sms, max_ctas_per_sm=ctas_per_sm,
+                                          shared_per_block_optin=48 * 1024)
     ops = torch.ops.batchrenorm_emulated_cuda
     try:
         x = fused_cases.layout(shape, kind, "cpu").to(dtype)

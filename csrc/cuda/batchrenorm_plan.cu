@@ -11,6 +11,7 @@
 //   2. kPersistent when the tensor fits on chip across the co-resident grid;
 //   3. kStreaming otherwise.
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -36,6 +37,8 @@ constexpr int64_t kTargetItems = 4;
 // (kPersistent): one SM streams ~100 GB/s, so 64 KB alone costs ~0.6 us, more than the grid
 // barrier that splitting it over the SMs costs.
 constexpr int64_t kResidentTileBytes = 64 * 1024;
+// The persistent kernels' partial reads after the barrier, at most this share of the data.
+constexpr double kMergeShare = 0.02;
 // Static shared memory of the on-chip kernels, at most (reduction buffers and coefficients;
 // ptxas reports 3-17 KB): the rest of a CTA's shared memory holds tile items.
 constexpr size_t kOnchipStaticSmem = 20 * 1024;
@@ -190,7 +193,17 @@ cudaError_t plan_onchip(const Layout& L, int vec, bool grad, const DeviceInfo& d
   persistent.team_warps = kWarps;
   persistent.ty = kThreads / base.tx;
   const int64_t full_items = ceil_div(base.length, persistent.ty);
-  int64_t splits = std::max(ceil_div(full_items, cap), ceil_div(dev.sms, groups));
+  // Every CTA of a channel group reads all its slices' partials after the barrier: s slices
+  // cost s^2 partial reads per group against the group's data, so s stays below the count at
+  // which those reads pass kMergeShare of the data (they come from L2, but they are traffic).
+  const int64_t channels = nhwc ? base.tx * vec : 1;
+  const double group_bytes = static_cast<double>(base.length) * channels * sizeof(T) * (grad ? 2 : 1);
+  const double partial_bytes = static_cast<double>(channels) * (grad ? 3 : 2) *
+                               sizeof(typename AccOf<T>::type);
+  const int64_t merge_cap = std::max<int64_t>(
+      1, static_cast<int64_t>(std::sqrt(kMergeShare * group_bytes / partial_bytes)));
+  int64_t splits = std::max(ceil_div(full_items, cap),
+                            std::min(ceil_div(dev.sms, groups), merge_cap));
   splits = std::max<int64_t>(1, std::min(splits, full_items));
   persistent.per = ceil_div(base.length, splits);
   persistent.splits = ceil_div(base.length, persistent.per);

@@ -60,8 +60,12 @@ def run_case(shape, fmt, dtype):
 
 
 def main():
+    # --dtypes float32,bfloat16 runs a slice (tests/gpu/run_all.sh: a sanitizer is slow).
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    if len(sys.argv) == 3 and sys.argv[1] == "--dtypes":
+        dtypes = tuple(getattr(torch, name) for name in sys.argv[2].split(","))
     for shape, fmt in CASES:
-        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for dtype in dtypes:
             run_case(shape, fmt, dtype)
     torch.cuda.synchronize()
     print("sanitize.py: all ops ran")

@@ -7,7 +7,8 @@
 // with set_schedules(): the tensors the launch updates in place are restored first, and every
 // tensor it writes (outputs, workspace) is poisoned (bytes 0xFF, NaN) before each run; all of them
 // must come out bit-identical to the in-order run, else the op raises (a race, or a read of
-// something no thread wrote).
+// something no thread wrote). Every launch is logged with its op and schedule seed
+// (launch_log(); seed 0 is the in-order run), with the global memory it moved.
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -25,6 +26,30 @@ namespace cuda {
 namespace {
 
 std::vector<uint64_t> g_random_schedules = {1, 2, 3};
+
+// The integer properties of a fake device by name, for Python.
+constexpr const char* kDeviceFields[] = {
+    "sms", "max_ctas_per_sm", "max_threads_per_sm", "registers_per_sm", "shared_per_sm",
+    "shared_per_block", "shared_per_block_optin", "l2_bytes", "assumed_registers_per_thread",
+    "assumed_static_shared"};
+constexpr const char* kDeviceFieldNames =
+    "sms, max_ctas_per_sm, max_threads_per_sm, registers_per_sm, shared_per_sm, "
+    "shared_per_block, shared_per_block_optin, l2_bytes, assumed_registers_per_thread, "
+    "assumed_static_shared";
+
+int* device_field(cuda_emulation::DeviceProperties& p, const std::string& key) {
+  if (key == "sms") return &p.sms;
+  if (key == "max_ctas_per_sm") return &p.max_ctas_per_sm;
+  if (key == "max_threads_per_sm") return &p.max_threads_per_sm;
+  if (key == "registers_per_sm") return &p.registers_per_sm;
+  if (key == "shared_per_sm") return &p.shared_per_sm;
+  if (key == "shared_per_block") return &p.shared_per_block;
+  if (key == "shared_per_block_optin") return &p.shared_per_block_optin;
+  if (key == "l2_bytes") return &p.l2_bytes;
+  if (key == "assumed_registers_per_thread") return &p.assumed_registers_per_thread;
+  if (key == "assumed_static_shared") return &p.assumed_static_shared;
+  return nullptr;
+}
 
 struct NoGuard {
   explicit NoGuard(const c10::Device&) {}
@@ -83,7 +108,9 @@ struct EmulatedRuntime {
       }
       for (const auto& t : written) poison(t);
       cuda_emulation::set_schedule(schedules[run]);
+      cuda_emulation::set_op(op);
       const cudaError_t err = f();
+      cuda_emulation::set_op("");
       cuda_emulation::set_schedule(0);
       // Every launch must leave the counter at zero for the next one (batchrenorm_cuda.h).
       const int ticket = ticket_tensor().item<int>();
@@ -97,7 +124,11 @@ struct EmulatedRuntime {
       for (const auto& t : mutated) results.push_back(t);
       for (const auto& t : written) results.push_back(t);
       if (run == 0) {
-        for (const auto& t : results) in_order.push_back(t.clone());
+        // Nothing to compare with when there are no random schedules (the traffic tests and
+        // gpu_model run large tensors that way).
+        if (schedules.size() > 1) {
+          for (const auto& t : results) in_order.push_back(t.clone());
+        }
         continue;
       }
       for (size_t i = 0; i < results.size(); ++i) {
@@ -130,6 +161,9 @@ TORCH_LIBRARY_IMPL(batchrenorm_emulated_cuda, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The batchrenorm CUDA kernels executed on the CPU by the CUDA emulator (tests only).";
+  using batchrenorm::cuda::device_field;
+  using batchrenorm::cuda::kDeviceFieldNames;
+  using batchrenorm::cuda::kDeviceFields;
   m.def("set_device", &cuda_emulation::set_device, py::arg("sms"), py::arg("ctas_per_sm"),
         "Select a fake device (SM count, co-resident CTAs per SM); returns its device id.");
   m.def(
@@ -144,8 +178,74 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto c = cuda_emulation::counters();
     return py::dict(py::arg("launches") = c.launches, py::arg("ctas") = c.ctas,
                     py::arg("threads") = c.threads, py::arg("barriers") = c.barriers,
-                    py::arg("shuffles") = c.shuffles);
+                    py::arg("shuffles") = c.shuffles, py::arg("bytes_read") = c.bytes_read,
+                    py::arg("bytes_written") = c.bytes_written);
   });
+  m.def(
+      "launch_log",
+      [] {
+        py::list out;
+        for (const auto& r : cuda_emulation::launch_log()) {
+          out.append(py::dict(
+              py::arg("kernel") = r.kernel, py::arg("op") = r.op,
+              py::arg("grid") = py::make_tuple(r.grid[0], r.grid[1], r.grid[2]),
+              py::arg("block") = py::make_tuple(r.block[0], r.block[1], r.block[2]),
+              py::arg("shared_bytes") = r.shared_bytes, py::arg("cooperative") = r.cooperative,
+              py::arg("ok") = r.ok, py::arg("seed") = r.seed, py::arg("device") = r.device,
+              py::arg("ctas") = r.ctas, py::arg("grid_syncs") = r.grid_syncs,
+              py::arg("bytes_read") = r.bytes_read, py::arg("bytes_written") = r.bytes_written,
+              py::arg("max_cta_bytes") = r.max_cta_bytes));
+        }
+        return out;
+      },
+      "One dict per launch since reset_launch_log() (the last 65536): kernel, op, grid, block, "
+      "shared_bytes (dynamic), cooperative, ok, seed (0: the in-order schedule), device, ctas, "
+      "grid_syncs, bytes_read, bytes_written (global memory), max_cta_bytes (the most bytes one "
+      "CTA read and wrote).");
+  m.def("reset_launch_log", &cuda_emulation::reset_launch_log);
+  m.def("occupancy", &cuda_emulation::occupancy, py::arg("block_size"),
+        py::arg("dynamic_shared") = 0,
+        "CTAs per SM of a kernel of block_size threads and dynamic_shared bytes on the current "
+        "fake device (with its assumed registers and static shared memory per kernel).");
+  m.def(
+      "set_device_h100", [] { return cuda_emulation::set_device_properties(cuda_emulation::h100_properties()); },
+      "Select the fake H100 (cuda_emulation.h: h100_properties); returns its device id.");
+  m.def(
+      "set_device_properties",
+      [](py::kwargs kw) {
+        // Starts from the H100 and overrides what is given, by name.
+        cuda_emulation::DeviceProperties p = cuda_emulation::h100_properties();
+        for (const auto& item : kw) {
+          const std::string key = py::str(item.first);
+          if (key == "name") {
+            p.name = py::cast<std::string>(item.second);
+            continue;
+          }
+          int* field = device_field(p, key);
+          TORCH_CHECK(field != nullptr, "set_device_properties: unknown property '", key,
+                      "'; expected one of name, ", kDeviceFieldNames);
+          *field = py::cast<int>(item.second);
+        }
+        try {
+          return cuda_emulation::set_device_properties(p);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+      },
+      "Select a fake device: the H100's properties with the given ones replaced (sms, "
+      "max_ctas_per_sm, max_threads_per_sm, registers_per_sm, shared_per_sm, shared_per_block, "
+      "shared_per_block_optin, l2_bytes, assumed_registers_per_thread, assumed_static_shared, "
+      "name); returns its device id.");
+  m.def(
+      "device_properties",
+      [] {
+        auto p = cuda_emulation::device_properties();
+        py::dict d;
+        d["name"] = p.name;
+        for (const char* key : kDeviceFields) d[key] = *device_field(p, key);
+        return d;
+      },
+      "The current fake device's properties (a dict of set_device_properties' names).");
   m.def("last_fault", &cuda_emulation::last_fault);
   m.def(
       "last_plan",

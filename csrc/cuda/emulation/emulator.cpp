@@ -1,7 +1,8 @@
 // emulator.cpp: the CUDA emulator behind include/cuda_runtime.h (interface and checks:
-// cuda_emulation.h). Torch-free; built with the kernels into one shared library whose only
-// thread_local variables are the kernels' __shared__ arrays and the two pointers below, so the
-// whole of the library's TLS block can be poisoned at CTA start.
+// cuda_emulation.h; the fake devices: device.cpp; the launch log: counters.cpp). Torch-free;
+// built with the kernels into one shared library whose only thread_local variables are the
+// kernels' __shared__ arrays and the two pointers below, so the whole of the library's TLS block
+// can be poisoned at CTA start.
 #include "cuda_emulation.h"
 
 #include <boost/fiber/all.hpp>
@@ -29,13 +30,16 @@
 #include <sanitizer/asan_interface.h>
 #endif
 
+#include "emulator_internal.h"
+
 namespace {
-constexpr size_t kMaxSharedBytes = 48 * 1024;  // per CTA without an opt-in attribute
+using cuda_emulation::detail::kMaxDynamicShared;
 }  // namespace
 
 // The dynamic shared memory that kernel sources declare as
-// `extern __shared__ __align__(16) unsigned char batchrenorm_dynamic_smem[];` (one per CTA).
-alignas(16) thread_local unsigned char batchrenorm_dynamic_smem[kMaxSharedBytes];
+// `extern __shared__ __align__(16) unsigned char batchrenorm_dynamic_smem[];` (one per CTA), as
+// large as any fake device lets a CTA opt in to.
+alignas(16) thread_local unsigned char batchrenorm_dynamic_smem[kMaxDynamicShared];
 
 namespace cuda_emulation {
 namespace {
@@ -50,14 +54,7 @@ uint3 make_uint3(unsigned x, unsigned y, unsigned z) {
   return v;
 }
 
-struct Device {
-  int sms;
-  int ctas_per_sm;
-};
-
 std::mutex g_mutex;  // guards the globals below
-std::vector<Device> g_devices = {{2, 2}};
-int g_device = 0;
 uint64_t g_seed = 0;
 std::string g_fault;
 cudaError_t g_last_error = cudaSuccess;
@@ -84,6 +81,67 @@ struct Warp {
   boost::fibers::condition_variable cv;
 };
 
+// The reads a CTA made since its last barrier: a set of (address, size), cleared by every
+// barrier. A read found in it is not counted again: on a GPU the lanes of a warp reading one
+// address are one request, and a value the CTA read moments ago comes from L1. A pass over a
+// tensor in each phase of a kernel still counts each time. The set is exact (open addressing
+// that grows, never evicts): fibers run a barrier-free stretch of code one thread after another,
+// so a per-channel value all threads read is far apart in time, and a lossy filter would count
+// it again for many threads.
+class ReadFilter {
+ public:
+  ReadFilter() : key_(kInitial), interval_(kInitial) {}
+
+  void next_interval() {
+    ++now_;
+    live_ = 0;
+  }
+
+  // True when (address, bytes) is new in this interval (and records it).
+  bool first_read(const void* address, size_t bytes) {
+    const uint64_t k =
+        reinterpret_cast<uintptr_t>(address) ^ (static_cast<uint64_t>(bytes) << 56);
+    const size_t mask = key_.size() - 1;
+    for (size_t i = mix(k) & mask;; i = (i + 1) & mask) {
+      if (interval_[i] != now_) {
+        key_[i] = k;
+        interval_[i] = now_;
+        if (2 * ++live_ > key_.size()) grow();
+        return true;
+      }
+      if (key_[i] == k) return false;
+    }
+  }
+
+ private:
+  static constexpr size_t kInitial = 4096;
+
+  static uint64_t mix(uint64_t h) {  // splitmix64's finaliser
+    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ull;
+    h = (h ^ (h >> 27)) * 0x94D049BB133111EBull;
+    return h ^ (h >> 31);
+  }
+
+  void grow() {
+    std::vector<uint64_t> keys(2 * key_.size()), intervals(2 * key_.size());
+    const size_t mask = keys.size() - 1;
+    for (size_t j = 0; j < key_.size(); ++j) {
+      if (interval_[j] != now_) continue;
+      size_t i = mix(key_[j]) & mask;
+      while (intervals[i] == now_) i = (i + 1) & mask;
+      keys[i] = key_[j];
+      intervals[i] = now_;
+    }
+    key_.swap(keys);
+    interval_.swap(intervals);
+  }
+
+  std::vector<uint64_t> key_;
+  std::vector<uint64_t> interval_;  // the interval a slot was filled in; 0: never
+  uint64_t now_ = 1;
+  size_t live_ = 0;
+};
+
 struct Launch;
 
 struct Cta {
@@ -101,6 +159,11 @@ struct Cta {
   int exited = 0;
   int blocked = 0;
   std::mt19937_64 rng;
+  // Global memory this CTA moved (count_global). Only this CTA's fibers, which share one OS
+  // thread and switch only at synchronisation calls, touch them: no atomics.
+  uint64_t bytes_read = 0;
+  uint64_t bytes_written = 0;
+  ReadFilter seen;
 };
 
 // One wave of CTAs alive at once (a cooperative launch is one wave), run one CTA at a time: the
@@ -128,6 +191,10 @@ struct Launch {
   std::atomic<bool> aborted{false};
   std::string fault;
   std::atomic<uint64_t> progress{0};
+  // Sums over the wave's CTAs, added as each CTA exits (under m).
+  uint64_t bytes_read = 0;
+  uint64_t bytes_written = 0;
+  uint64_t max_cta_bytes = 0;
 };
 
 thread_local Cta* tls_cta;
@@ -336,6 +403,7 @@ void barrier(const Site& site, bool grid) {
       tls_fiber = &me;
     }
     ++c.gen;
+    c.seen.next_interval();
     release(c, 0, c.nthreads, 0xffffffffu);
     c.bar_cv.notify_all();
     if (check_abort(c)) return;
@@ -475,11 +543,23 @@ void poison_shared_memory(size_t dynamic_bytes) {
   if (b.handle == nullptr || dlinfo(b.handle, RTLD_DI_TLS_DATA, &data) != 0 || data == nullptr) {
     throw std::runtime_error("cuda emulation: cannot find the TLS block of the kernel library");
   }
-  std::memset(data, 0xFF, b.size);
+  // All of it but the dynamic array past this launch's size: the array is as large as the
+  // largest opt-in (227 KiB), and poisoning all of it for each of thousands of CTAs would cost
+  // more than running most of them.
+  unsigned char* begin = static_cast<unsigned char*>(data);
+  unsigned char* const end = begin + b.size;
+  unsigned char* const skip = batchrenorm_dynamic_smem + dynamic_bytes;
+  unsigned char* const resume = batchrenorm_dynamic_smem + kMaxDynamicShared;
+  if (skip >= begin && resume <= end) {
+    std::memset(begin, 0xFF, static_cast<size_t>(skip - begin));
+    std::memset(resume, 0xFF, static_cast<size_t>(end - resume));
+  } else {
+    std::memset(begin, 0xFF, b.size);
+  }
 #if defined(__SANITIZE_ADDRESS__)
   // Past the launch's dynamic shared memory is out of bounds.
   ASAN_POISON_MEMORY_REGION(batchrenorm_dynamic_smem + dynamic_bytes,
-                            kMaxSharedBytes - dynamic_bytes);
+                            kMaxDynamicShared - dynamic_bytes);
 #else
   (void)dynamic_bytes;
 #endif
@@ -528,9 +608,15 @@ void run_cta(Launch& L, int slot) {
   g_threads += c.nthreads;
   ++g_ctas;
 #if defined(__SANITIZE_ADDRESS__)
-  ASAN_UNPOISON_MEMORY_REGION(batchrenorm_dynamic_smem, kMaxSharedBytes);
+  ASAN_UNPOISON_MEMORY_REGION(batchrenorm_dynamic_smem, kMaxDynamicShared);
 #endif
+  g_bytes_read += c.bytes_read;
+  g_bytes_written += c.bytes_written;
+  tls_cta = nullptr;
   std::lock_guard<std::mutex> lk(L.m);
+  L.bytes_read += c.bytes_read;
+  L.bytes_written += c.bytes_written;
+  L.max_cta_bytes = std::max(L.max_cta_bytes, c.bytes_read + c.bytes_written);
   L.state[slot] = kDone;
   ++L.done;
   ++L.progress;
@@ -593,11 +679,6 @@ cudaError_t set_error(cudaError_t err, const std::string& fault) {
   g_fault = fault;
   if (err != cudaSuccess) g_last_error = err;
   return err;
-}
-
-Device current_device() {
-  std::lock_guard<std::mutex> lk(g_mutex);
-  return g_devices[g_device];
 }
 
 std::string short_type(const char* pretty) {
@@ -706,28 +787,50 @@ cudaError_t launch(const void* kernel, KernelBody body, void** args, const char*
                    dim3 grid, dim3 block, size_t shared_bytes, bool cooperative) {
   ++g_launches;
   const std::string type = short_type(kernel_type);
-  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
-  const uint64_t ctas = uint64_t(grid.x) * grid.y * grid.z;
-  if (threads == 0 || threads > 1024 || ctas == 0) {
-    return set_error(cudaErrorInvalidConfiguration,
-                     "launch of " + type + ": invalid grid or block size");
-  }
-  if (shared_bytes > kMaxSharedBytes) {
-    return set_error(cudaErrorInvalidValue, "launch of " + type + ": " +
-                                                std::to_string(shared_bytes) +
-                                                " bytes of dynamic shared memory > 48 KiB");
-  }
-  const Device dev = current_device();
-  const uint64_t resident = uint64_t(dev.sms) * dev.ctas_per_sm;
-  if (cooperative && ctas > resident) {
-    return set_error(cudaErrorCooperativeLaunchTooLarge,
-                     "cooperative launch of " + type + ": " + std::to_string(ctas) +
-                         " CTAs, but the device holds " + std::to_string(resident));
-  }
+  int device = 0;
+  const DeviceProperties dev = detail::current_device(&device);
   uint64_t seed;
   {
     std::lock_guard<std::mutex> lk(g_mutex);
     seed = g_seed;
+  }
+  LaunchRecord record{};
+  record.kernel = detail::kernel_name(kernel, type);
+  record.op = detail::current_op();
+  record.grid[0] = grid.x, record.grid[1] = grid.y, record.grid[2] = grid.z;
+  record.block[0] = block.x, record.block[1] = block.y, record.block[2] = block.z;
+  record.shared_bytes = shared_bytes;
+  record.cooperative = cooperative;
+  record.seed = seed;
+  record.device = device;
+  record.ctas = uint64_t(grid.x) * grid.y * grid.z;
+  // Every launch is logged, a failed one too (ok = false), so a caller counting launches sees
+  // the attempt.
+  auto finish = [&](cudaError_t err, const std::string& fault) {
+    record.ok = err == cudaSuccess;
+    detail::append_launch_record(record);
+    return set_error(err, fault);
+  };
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || record.ctas == 0) {
+    return finish(cudaErrorInvalidConfiguration,
+                  "launch of " + type + ": invalid grid or block size");
+  }
+  const size_t max_shared = detail::max_dynamic_shared(kernel);
+  if (shared_bytes > max_shared) {
+    return finish(cudaErrorInvalidValue,
+                  "launch of " + type + ": " + std::to_string(shared_bytes) +
+                      " bytes of dynamic shared memory > the kernel's limit of " +
+                      std::to_string(max_shared) + " on " + dev.name +
+                      " (cudaFuncAttributeMaxDynamicSharedMemorySize raises it up to " +
+                      std::to_string(dev.shared_per_block_optin) + ")");
+  }
+  const uint64_t resident =
+      uint64_t(dev.sms) * detail::occupancy(dev, static_cast<int>(threads), shared_bytes);
+  if (cooperative && record.ctas > resident) {
+    return finish(cudaErrorCooperativeLaunchTooLarge,
+                  "cooperative launch of " + type + ": " + std::to_string(record.ctas) +
+                      " CTAs, but the device holds " + std::to_string(resident));
   }
   std::vector<uint3> order;
   for (unsigned z = 0; z < grid.z; ++z)
@@ -736,7 +839,8 @@ cudaError_t launch(const void* kernel, KernelBody body, void** args, const char*
   std::mt19937_64 rng(seed);
   if (seed != 0 && !cooperative) std::shuffle(order.begin(), order.end(), rng);
   // A non-cooperative grid runs in waves of resident CTAs (at most 64 OS threads at once).
-  const size_t wave = cooperative ? order.size() : std::min<uint64_t>(resident, 64);
+  const size_t wave =
+      cooperative ? order.size() : std::max<uint64_t>(1, std::min<uint64_t>(resident, 64));
   for (size_t first = 0; first < order.size(); first += wave) {
     Launch L;
     L.kernel = kernel;
@@ -751,40 +855,26 @@ cudaError_t launch(const void* kernel, KernelBody body, void** args, const char*
     L.rng.seed(rng());
     L.cta_idx.assign(order.begin() + first, order.begin() + std::min(order.size(), first + wave));
     const std::string fault = run_wave(L);
-    if (!fault.empty()) return set_error(cudaErrorLaunchFailure, fault);
+    record.grid_syncs += L.grid_gen;
+    record.bytes_read += L.bytes_read;
+    record.bytes_written += L.bytes_written;
+    record.max_cta_bytes = std::max(record.max_cta_bytes, L.max_cta_bytes);
+    if (!fault.empty()) return finish(cudaErrorLaunchFailure, fault);
   }
-  return set_error(cudaSuccess, "");
+  return finish(cudaSuccess, "");
 }
 
-int max_active_ctas_per_sm(int block_size, size_t shared_bytes) {
-  if (block_size <= 0 || block_size > 1024 || shared_bytes > kMaxSharedBytes) return 0;
-  return current_device().ctas_per_sm;
-}
-
-cudaError_t func_set_attribute(const void*, cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
-      static_cast<size_t>(value) > kMaxSharedBytes) {
-    return cudaErrorInvalidValue;
+void count_global(const void* address, size_t bytes, bool is_write) {
+  Cta* c = tls_cta;
+  if (c == nullptr) {  // not from a kernel (a test calling the helpers on the host)
+    (is_write ? g_bytes_written : g_bytes_read) += bytes;
+    return;
   }
-  return cudaSuccess;
-}
-
-void count_global(const void*, size_t bytes, bool is_write) {
-  (is_write ? g_bytes_written : g_bytes_read).fetch_add(bytes, std::memory_order_relaxed);
-}
-
-int set_device(int sms, int ctas_per_sm) {
-  if (sms < 1 || ctas_per_sm < 1) throw std::invalid_argument("cuda emulation: bad device");
-  std::lock_guard<std::mutex> lk(g_mutex);
-  for (size_t i = 0; i < g_devices.size(); ++i) {
-    if (g_devices[i].sms == sms && g_devices[i].ctas_per_sm == ctas_per_sm) {
-      g_device = static_cast<int>(i);
-      return g_device;
-    }
+  if (is_write) {
+    c->bytes_written += bytes;
+  } else if (c->seen.first_read(address, bytes)) {
+    c->bytes_read += bytes;
   }
-  g_devices.push_back({sms, ctas_per_sm});
-  g_device = static_cast<int>(g_devices.size()) - 1;
-  return g_device;
 }
 
 void set_schedule(uint64_t seed) {
@@ -804,32 +894,7 @@ Counters counters() {
 
 }  // namespace cuda_emulation
 
-// The C runtime API the kernels' host code calls.
-cudaError_t cudaGetDevice(int* device) {
-  std::lock_guard<std::mutex> lk(cuda_emulation::g_mutex);
-  *device = cuda_emulation::g_device;
-  return cudaSuccess;
-}
-
-cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  cuda_emulation::Device dev;
-  {
-    std::lock_guard<std::mutex> lk(cuda_emulation::g_mutex);
-    if (device < 0 || device >= static_cast<int>(cuda_emulation::g_devices.size())) {
-      return cudaErrorInvalidDevice;
-    }
-    dev = cuda_emulation::g_devices[device];
-  }
-  switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = dev.sms; return cudaSuccess;
-    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
-    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
-    case cudaDevAttrCooperativeLaunch: *value = 1; return cudaSuccess;
-    default: return cudaErrorInvalidValue;
-  }
-}
-
+// The C runtime API the kernels' host code calls (the device queries: device.cpp).
 cudaError_t cudaGetLastError(void) {
   std::lock_guard<std::mutex> lk(cuda_emulation::g_mutex);
   const cudaError_t err = cuda_emulation::g_last_error;

@@ -6,7 +6,10 @@
 #include <cstring>
 #include <string>
 
+#include "cuda/batchrenorm_global_memory.cuh"
 #include "cuda_emulation.h"
+
+extern __shared__ __align__(16) unsigned char batchrenorm_dynamic_smem[];
 
 namespace {
 
@@ -67,6 +70,34 @@ __global__ void cross_cta(float* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[2] = out[1];
 }
 
+// Global traffic the emulator counts (tests/test_cuda_traffic.py; out must hold 2176 floats).
+// Each of 32 threads per CTA reads in[t] and the broadcast in[0], then 64 values of its own and
+// in[0] again (repeats since the last barrier count once, however many reads lie between), and
+// after a barrier in[t] again; then it writes one float. Per CTA: 128 + 32 * 64 * 4 + 128 =
+// 8448 bytes read, 128 written.
+__global__ void count_traffic(float* out) {
+  using batchrenorm::cuda::load_global;
+  using batchrenorm::cuda::store_global;
+  const float* in = out + 64;
+  float v = load_global(in + threadIdx.x) + load_global(in);
+  for (int i = 0; i < 64; ++i) v += load_global(in + 64 + threadIdx.x * 64 + i);
+  v += load_global(in) + load_global(in + threadIdx.x);
+  __syncthreads();
+  v += load_global(in + threadIdx.x);
+  store_global(out + blockIdx.x * 32 + threadIdx.x, v);
+}
+
+// Uses all the dynamic shared memory it is given.
+__global__ void dynamic_shared_kernel(float* out) {
+  float* sm = reinterpret_cast<float*>(batchrenorm_dynamic_smem);
+  const int n = 100 * 1024 / sizeof(float);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sm[i] = 1.0f;
+  __syncthreads();
+  float sum = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sum += sm[i];
+  out[threadIdx.x] = sum;
+}
+
 }  // namespace
 
 namespace cuda_emulation {
@@ -97,6 +128,18 @@ std::string run_selftest(const std::string& name, float* out, int n) {
     err = cudaLaunchCooperativeKernel(grid_sync_kernel, dim3(1000), dim3(32), args, 0, nullptr);
   } else if (name == "cross_cta") {
     err = cudaLaunchCooperativeKernel(cross_cta, dim3(2), dim3(32), args, 0, nullptr);
+  } else if (name == "count_traffic") {
+    err = cudaLaunchKernel(count_traffic, dim3(2), dim3(32), args, 0, nullptr);
+  } else if (name == "dynamic_shared_default") {  // 100 KiB without the opt-in attribute
+    err = cudaLaunchKernel(dynamic_shared_kernel, dim3(1), dim3(32), args, 100 * 1024, nullptr);
+  } else if (name == "dynamic_shared_optin") {
+    err = cudaFuncSetAttribute(dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               100 * 1024);
+    if (err == cudaSuccess) {
+      err = cudaLaunchKernel(dynamic_shared_kernel, dim3(1), dim3(32), args, 100 * 1024, nullptr);
+    }
+    cudaFuncSetAttribute(dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         48 * 1024);
   } else {
     return "unknown self-test " + name;
   }

@@ -1,4 +1,4 @@
-// cuda_runtime.h of the CUDA emulation: what the kernels (csrc/cuda/*.cu) use of the CUDA C++ runtime
+// cuda_runtime.h of the CUDA emulation: what batchrenorm_kernels.cu uses of the CUDA C++ runtime
 // and of the device built-ins, for the host compiler (g++ -x c++). Put this folder first on the
 // include path; types and the C API come from the toolkit's own cuda_runtime_api.h, and half /
 // bfloat16 arithmetic from its cuda_fp16.h / cuda_bf16.h (NVIDIA's own rounding).
@@ -53,11 +53,10 @@ uint64_t shuffle(unsigned mask, uint64_t bits, ShuffleMode mode, int arg, int wi
 using KernelBody = void (*)(const void* kernel, void* const* args);
 cudaError_t launch(const void* kernel, KernelBody body, void** args, const char* kernel_type,
                    dim3 grid, dim3 block, size_t shared_bytes, bool cooperative);
-int max_active_ctas_per_sm(int block_size, size_t shared_bytes);
-// cudaFuncSetAttribute of a kernel (only cudaFuncAttributeMaxDynamicSharedMemorySize is known).
-cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
+// Occupancy on the current fake device (device.cpp).
+int max_active_ctas_per_sm(const void* kernel, int block_size, size_t shared_bytes);
 // A global-memory access of `bytes` at `address` by the calling CUDA thread, counted per launch
-// and per CTA.
+// and per CTA (a CTA's repeated read since its last barrier once: cuda_emulation.h).
 void count_global(const void* address, size_t bytes, bool is_write);
 
 template <typename... P, size_t... I>
@@ -124,16 +123,25 @@ cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(P...), dim3 grid, dim3 bl
 }
 
 template <typename... P>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, void (*)(P...),
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, void (*kernel)(P...),
                                                           int block_size,
                                                           size_t shared_bytes) {
-  *num_blocks = ::cuda_emulation::max_active_ctas_per_sm(block_size, shared_bytes);
+  *num_blocks = ::cuda_emulation::max_active_ctas_per_sm(reinterpret_cast<const void*>(kernel),
+                                                         block_size, shared_bytes);
   return cudaSuccess;
 }
 
+// cuda_runtime.h's typed overloads of the per-kernel attribute calls (the C ones are in
+// device.cpp): cudaFuncAttributeMaxDynamicSharedMemorySize up to the device's opt-in limit;
+// the attributes report the fake device's per-kernel assumptions (registers, static shared).
 template <typename... P>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
-  return ::cuda_emulation::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+
+template <typename... P>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*kernel)(P...)) {
+  return ::cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(kernel));
 }
 
 // Device built-ins. Loads are plain loads (cache hints mean nothing here).
