@@ -205,15 +205,21 @@ def native_kernels(op: str, shape, layout: str, elt: int, P=H100) -> List[Kernel
 
 
 # ---------------------------------------------------------------------------------------------
-# Ours: the emulator's counts. What it cannot count is the memory-level parallelism of a CTA:
-# csrc/cuda/batchrenorm_kernels.cu keeps kUnrollStats = 4 vectors of x (forward) and
-# kUnrollGrad = 2 pairs of (dy, x) vectors (backward) in flight per thread, 256 threads, 16-byte
-# vectors when the inner dimension is a multiple of the vector width, else scalars.
+# Ours: the emulator's counts. What it cannot count is the memory-level parallelism of a CTA,
+# which the kernels fix and the plan (recorded with each launch) sizes; 256 threads each:
+#  - on-chip kernels (csrc/cuda/batchrenorm_onchip.cu) load a thread's register items all at
+#    once, then its shared-memory items 4 at a time (Tile::load_all): 1 + ceil((items -
+#    register_items) / 4) round trips carry the CTA's bytes;
+#  - streaming kernels (batchrenorm_streaming.cu) keep kBytesInFlight = 64 bytes per thread in
+#    flight (at most 16 items: a 2-byte scalar path keeps 32).
 # Keep this in step with the kernels.
-def OURS_IN_FLIGHT(op: str, shape, layout: str, elt: int) -> int:
-    inner = shape[1] if layout != "contiguous" else math.prod(shape[2:])
-    vector = 16 if inner % (16 // elt) == 0 else elt
-    return 256 * 4 * vector
+def OURS_IN_FLIGHT(record, op: str, elt: int) -> int:
+    plan = record["plan"]
+    item = elt * plan["vec"] * (2 if op == "backward" else 1)
+    if plan["regime"] == "streaming":
+        return 256 * min(64, 16 * item)
+    rounds = 1 + math.ceil(max(0, plan["items"] - plan["register_items"]) / 4)
+    return max(1, math.ceil(record["max_cta_bytes"] / rounds))
 
 
 def ours_kernels(op: str, shape, layout: str, elt: int, records, P=H100) -> List[Kernel]:
@@ -226,7 +232,7 @@ def ours_kernels(op: str, shape, layout: str, elt: int, records, P=H100) -> List
         # come from L2 when they fit.
         dram = dram_share(moved, unique if i == 0 else 0, unique, P)
         ks.append(Kernel(r["kernel"], r["ctas"], r["threads"], r["bytes_read"], r["bytes_written"],
-                         dram, r["max_cta_bytes"], OURS_IN_FLIGHT(op, shape, layout, elt),
+                         dram, r["max_cta_bytes"], OURS_IN_FLIGHT(r, op, elt),
                          r["grid_syncs"]))
     return ks
 
@@ -315,7 +321,8 @@ def model(counted_cases) -> List[Dict]:
                     {"kernel": r["kernel"], "ctas": r["ctas"], "threads": math.prod(r["block"]),
                      "shared_bytes": r["shared_bytes"], "cooperative": r["cooperative"],
                      "grid_syncs": r["grid_syncs"], "bytes_read": r["bytes_read"],
-                     "bytes_written": r["bytes_written"], "max_cta_bytes": r["max_cta_bytes"]}
+                     "bytes_written": r["bytes_written"], "max_cta_bytes": r["max_cta_bytes"],
+                     "plan": r["plan"]}
                     for r in recs],
             }
             row["modeled_us"], row["native_modeled_us"], row["native_launches"] = price(row)

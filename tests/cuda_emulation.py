@@ -203,11 +203,16 @@ def count_train_step(module, shape, layout, dtype, seed=0):
     with launch_log(module) as records:
         _, mean, invstd, r, d = ops.forward_train(x, weight, bias, running_mean, running_var, step,
                                                   0.01, 1e-5, 3.0, 5.0, 0, 0, 0)
-    out["forward_train"] = records
+    out["forward_train"] = _with_plan(records, module.last_plan())
     with launch_log(module) as records:
         ops.backward(dy, x, weight, mean, invstd, r, d, True, [True, True, True])
-    out["backward"] = records
+    out["backward"] = _with_plan(records, module.last_plan())
     return out
+
+
+def _with_plan(records, plan):
+    """Each op is one launch; its record gets the plan the host chose (regime, items, ...)."""
+    return [dict(r, plan=plan) for r in records]
 
 
 def schedules_from_environment(module) -> None:

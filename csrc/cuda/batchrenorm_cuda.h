@@ -144,6 +144,8 @@ struct LaunchPlan {
   int tx;          // NHWC: threads across vector columns (1 for NCHW)
   int ty;          // threads along the reduced axis per team
   int items;       // on-chip: items per thread (registers first, then shared memory)
+  int register_items;  // on-chip: of which in registers (the kernel's own constant; for the
+                       // cost model, benchmarks/gpu_model.py)
   int64_t length;  // items along the reduced axis
   int64_t splits;
   int64_t per;

@@ -150,6 +150,7 @@ cudaError_t plan_onchip(const Layout& L, int vec, bool grad, const DeviceInfo& d
   const int64_t M = L.N * L.S;
   LaunchPlan base{};
   base.vec = vec;
+  base.register_items = static_cast<int>(KR);
   base.length = nhwc ? M : M / vec;
   int64_t groups;
   if (nhwc) {

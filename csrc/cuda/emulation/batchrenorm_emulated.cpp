@@ -256,6 +256,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                         py::arg("vec") = p.vec, py::arg("grid") = p.grid,
                         py::arg("team_warps") = p.team_warps, py::arg("tx") = p.tx,
                         py::arg("ty") = p.ty, py::arg("items") = p.items,
+                        py::arg("register_items") = p.register_items,
                         py::arg("length") = p.length, py::arg("splits") = p.splits,
                         py::arg("per") = p.per, py::arg("units") = p.units,
                         py::arg("shared_bytes") = p.shared_bytes,
