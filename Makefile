@@ -40,15 +40,18 @@ system-deps:
 	  (apt-get update -qq && apt-get install -y -qq libboost-fiber-dev) >/dev/null || \
 	  { echo "make: needs Boost.Fiber (Debian: apt-get install libboost-fiber-dev)" >&2; exit 1; }; }
 
-venv: $(VENV)/.ready
-$(VENV)/.ready:
+# The stamp's name changes with what the venv must hold, so an older .venv is brought up to date
+# (setuptools>=77: setup.py stops on an older one).
+READY      := $(VENV)/.ready-setuptools77
+venv: $(READY)
+$(READY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "setuptools>=77" ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn
 	touch $@
 
 build: $(VENV)/.built
-$(VENV)/.built: $(VENV)/.ready $(SOURCES)
+$(VENV)/.built: $(READY) $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -25,7 +25,15 @@ import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
+
+# Without build isolation the environment's setuptools builds, and before 77 it rejects
+# pyproject.toml's SPDX `license` string with a schema error that does not say this.
+if tuple(int(p) for p in re.findall(r"\d+", setuptools.__version__)[:1]) < (77,):
+    raise SystemExit(
+        f"batchrenorm_cuda: the build needs setuptools>=77, found {setuptools.__version__}: "
+        "pip install 'setuptools>=77' ninja (or build with isolation, which installs them)")
 
 
 def _find_toolkit():
