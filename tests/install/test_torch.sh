@@ -16,8 +16,7 @@ src="$venv/src"
 
 log "test-torch $TORCH: venv $venv"
 fresh_venv "$venv"
-install_torch "$venv" "torch==$TORCH"
-"$venv/bin/python" -m pip install -q "${TEST_PACKAGES[@]}"
+install_torch "$venv" "torch==$TORCH" "${TEST_PACKAGES[@]}"
 log "installed $("$venv/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 
 copy_tree "$src"
