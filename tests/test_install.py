@@ -51,11 +51,14 @@ def _copy_package(dest, with_extension):
 def _import_warnings(path):
     """The RuntimeWarnings of `import batchrenorm_cuda` in a fresh Python whose sys.path starts
     with `path`, and from which the source tree under test (editable installs put it on sys.path)
-    is removed; and whether the fused CPU kernels are available there."""
+    and the editable finder are removed; and whether the fused CPU kernels are available there."""
     script = textwrap.dedent(f"""
         import os, sys, warnings
         root = os.path.realpath({ROOT!r})
         sys.path[:] = {path!r} + [p for p in sys.path if p and os.path.realpath(p) != root]
+        # An editable install's finder would resolve batchrenorm_cuda._C to the source tree's.
+        sys.meta_path[:] = [f for f in sys.meta_path
+                            if "__editable__" not in getattr(f, "__module__", "")]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import batchrenorm_cuda
