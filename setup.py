@@ -16,7 +16,7 @@ The C++ standard is torch's: no -std flag is passed, so BuildExtension adds the 
 need (C++17 up to torch 2.13, C++20 from 2.14).
 
 The torch the extension is built against is written to batchrenorm_cuda/_build_info.py; at
-import, an extension built for another torch release is not loaded (batchrenorm_cuda/_ops.py).
+import, an extension built for another torch release is not loaded (batchrenorm_cuda/_loader.py).
 """
 import glob
 import os

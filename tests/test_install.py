@@ -117,3 +117,72 @@ def test_extension_for_this_torch_loads(tmp_path):
     out = _import_warnings([str(tmp_path)])
     assert "WARNING" not in out
     assert "CPU True" in out
+
+
+@pytest.fixture
+def setup_rules(monkeypatch):
+    """setup.py's functions (its source up to the setup() call), with the environment restored
+    afterwards, and no GPU, toolkit or override unless a test sets one."""
+    saved = dict(os.environ)
+    for name in ("BATCHRENORM_CPU_ONLY", "BATCHRENORM_FORCE_CUDA", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(name, raising=False)
+    path = os.path.join(ROOT, "setup.py")
+    with open(path) as f:
+        source = f.read()
+    namespace = {"__file__": path, "__name__": "batchrenorm_setup"}
+    try:
+        exec(compile(source[:source.index("\nsetup(")], path, "exec"), namespace)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    namespace["_gpu_count"] = lambda: 0
+    return namespace
+
+
+def _cuda_machine(rules, monkeypatch, gpus=0):
+    import torch
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    rules["_nvcc"] = lambda: "/opt/cuda/bin/nvcc"
+    rules["_gpu_count"] = lambda: gpus
+
+
+def test_setup_builds_cpu_only_without_gpu_or_arch_list(setup_rules, monkeypatch):
+    _cuda_machine(setup_rules, monkeypatch)
+    use_cuda, why = setup_rules["_use_cuda"]()
+    assert not use_cuda
+    assert "TORCH_CUDA_ARCH_LIST" in why and "BATCHRENORM_FORCE_CUDA=1" in why
+
+
+@pytest.mark.parametrize("env, gpus", [({"TORCH_CUDA_ARCH_LIST": "9.0"}, 0),
+                                       ({"BATCHRENORM_FORCE_CUDA": "1"}, 0), ({}, 1)])
+def test_setup_builds_cuda_when_asked_or_a_gpu_is_there(setup_rules, monkeypatch, env, gpus):
+    _cuda_machine(setup_rules, monkeypatch, gpus)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert setup_rules["_use_cuda"]()[0]
+    monkeypatch.setenv("BATCHRENORM_CPU_ONLY", "1")
+    assert setup_rules["_use_cuda"]() == (False, "BATCHRENORM_CPU_ONLY=1")
+
+
+def test_setup_without_toolkit_or_cuda_torch(setup_rules, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.version, "cuda", None)
+    setup_rules["_nvcc"] = lambda: None
+    use_cuda, why = setup_rules["_use_cuda"]()
+    assert not use_cuda and "CPU build" in why and "no CUDA toolkit" in why
+    monkeypatch.setenv("BATCHRENORM_FORCE_CUDA", "1")
+    with pytest.raises(SystemExit, match="BATCHRENORM_FORCE_CUDA=1 needs a CUDA build of torch"):
+        setup_rules["_use_cuda"]()
+
+
+def test_setup_default_arch_list_is_torchs_that_nvcc_knows(setup_rules, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch._C, "_cuda_getArchFlags",
+                        lambda: "sm_75 sm_80 sm_86 sm_90 sm_90a sm_100 sm_120", raising=False)
+    setup_rules["_nvcc"] = lambda: "nvcc"
+
+    class Listed:
+        stdout = "compute_75\ncompute_80\ncompute_86\ncompute_90\ncompute_100\n"
+
+    monkeypatch.setattr(setup_rules["subprocess"], "run", lambda *a, **k: Listed())
+    assert setup_rules["_default_arch_list"]() == "7.5;8.0;8.6;9.0;10.0+PTX"
