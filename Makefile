@@ -11,6 +11,14 @@
 #             backend, 12,000 adversarial op calls (and 1,000 on the emulated CUDA ops), the op
 #             calls again under an AddressSanitizer + UBSan build of the CPU extension, and a
 #             training step on a float16 input of more than 2^31 elements (needs ~9 GB)
+# make test-install   the ways users install (pip install ., --no-build-isolation with two torch
+#             releases, with no CUDA toolkit, python -m build and its wheel, a wheel run with
+#             another torch), each in a fresh venv under $(VENVS), each ending with a smoke test
+#             of the fused CPU kernels against the reference (tests/install/test_install.sh)
+# make test-torch TORCH=2.X   build against torch 2.X from the registry in its own venv, then
+#             the smoke test and the suite (less the emulated CUDA kernels unless TEST_MARK=)
+# make gpu-build   the CUDA extension for TORCH_CUDA_ARCH_LIST=9.0 against torch 2.11.0+cu130
+#             (the GPU machines' build), linked and imported here: every op has a CUDA kernel
 #
 # The venv sees the system's site-packages, so a torch that is already installed (a CUDA
 # build, say) is reused; only when none imports is $(TORCH_SPEC) installed.
@@ -23,8 +31,12 @@ BENCH_ARGS ?=
 # minutes, and the rest goes on beside it).
 TEST_WORKERS ?= auto
 SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
+# The install tests' venvs and tree copies (several GB each: CUDA builds of torch). Downloaded
+# torch wheels are kept in $(HOME)/.cache/batchrenorm_cuda/wheels (WHEELHOUSE=... to move it).
+VENVS      ?= .venvs
 
-.PHONY: test test-cuda-emulation bench gpu-model accuracy fuzz build venv clean system-deps
+.PHONY: test test-cuda-emulation bench gpu-model accuracy fuzz build venv clean system-deps \
+        test-install test-torch gpu-build
 
 # Boost.Fiber runs the emulated CUDA threads (tests/cuda_emulation.py); installed when missing.
 system-deps:
@@ -32,15 +44,18 @@ system-deps:
 	  (apt-get update -qq && apt-get install -y -qq libboost-fiber-dev) >/dev/null || \
 	  { echo "make: needs Boost.Fiber (Debian: apt-get install libboost-fiber-dev)" >&2; exit 1; }; }
 
-venv: $(VENV)/.ready
-$(VENV)/.ready:
+# The stamp's name changes with what the venv must hold, so an older .venv is brought up to date
+# (setuptools>=77: setup.py stops on an older one).
+READY      := $(VENV)/.ready-setuptools77
+venv: $(READY)
+$(READY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn
+	$(PY) -m pip install -q "setuptools>=77" ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn
 	touch $@
 
 build: $(VENV)/.built
-$(VENV)/.built: $(VENV)/.ready $(SOURCES)
+$(VENV)/.built: $(READY) $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -68,5 +83,15 @@ gpu-model: build system-deps
 accuracy: build
 	$(PY) benchmarks/accuracy.py $(ACCURACY_ARGS)
 
+test-install:
+	VENVS=$(VENVS) PYTHON=$(PYTHON) bash tests/install/test_install.sh
+
+test-torch:
+	@test -n "$(TORCH)" || { echo "make: test-torch needs TORCH=2.X (a torch release)" >&2; exit 2; }
+	VENVS=$(VENVS) PYTHON=$(PYTHON) TORCH=$(TORCH) bash tests/install/test_torch.sh
+
+gpu-build:
+	VENVS=$(VENVS) PYTHON=$(PYTHON) bash tests/install/gpu_build.sh
+
 clean:
-	rm -rf build *.egg-info batchrenorm_cuda/_C*.so $(VENV)
+	rm -rf build *.egg-info batchrenorm_cuda/_C*.so batchrenorm_cuda/_build_info.py $(VENV) $(VENVS)

@@ -15,16 +15,14 @@ from torch import Tensor
 from ._autograd import register_vmaps
 from .reference import stat_dtype
 
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.batchrenorm)
-except ImportError as _error:  # pragma: no cover - depends on the build
-    _C = None
-    warnings.warn(
-        "batchrenorm_cuda: the compiled extension batchrenorm_cuda._C could not be loaded "
-        f"({_error}); every call uses the pure-PyTorch reference implementation.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+from ._loader import load_extension
+
+# Importing _C runs its TORCH_LIBRARY registrations; _loader checks first that it was built for
+# this torch. LOAD_ERROR is why it is not loaded (None when it is).
+_C, LOAD_ERROR = load_extension()
+if LOAD_ERROR is not None:  # pragma: no cover - depends on the build
+    warnings.warn(f"batchrenorm_cuda: {LOAD_ERROR}. Every call uses the pure-PyTorch reference "
+                  "implementation.", RuntimeWarning, stacklevel=2)
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
