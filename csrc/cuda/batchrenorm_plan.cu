@@ -203,17 +203,29 @@ cudaError_t plan_onchip(const Layout& L, int vec, bool grad, const DeviceInfo& d
                                sizeof(typename AccOf<T>::type);
   const int64_t merge_cap = std::max<int64_t>(
       1, static_cast<int64_t>(std::sqrt(kMergeShare * group_bytes / partial_bytes)));
-  int64_t splits = std::max(ceil_div(full_items, cap),
-                            std::min(ceil_div(dev.sms, groups), merge_cap));
-  splits = std::max<int64_t>(1, std::min(splits, full_items));
-  persistent.per = ceil_div(base.length, splits);
-  persistent.splits = ceil_div(base.length, persistent.per);
-  const int64_t items = ceil_div(persistent.per, persistent.ty);
-  persistent.items = static_cast<int>(std::min<int64_t>(items, 1 << 30));
-  persistent.units = groups * persistent.splits;
-  persistent.grid = static_cast<int>(std::min<int64_t>(persistent.units, 1 << 30));
-  persistent.shared_bytes = shared_for(items);
-  if (items <= cap) {
+  // Slices: enough for the capacity, one CTA per SM if the merge allows; when that grid is not
+  // co-resident (a big tile's shared memory leaves 1 CTA per SM), more and smaller slices
+  // (more CTAs per SM), then fewer and bigger ones.
+  const int64_t fewest = ceil_div(full_items, cap);
+  const int64_t preferred = std::max(fewest, std::min(ceil_div(dev.sms, groups), merge_cap));
+  int64_t candidates[16];
+  int count = 0;
+  for (int64_t s = preferred; count < 8 && (s == preferred || s <= merge_cap); s *= 2) {
+    candidates[count++] = s;
+  }
+  for (int64_t s = preferred - 1; count < 16 && s >= fewest; s = std::min(s - 1, s * 3 / 4)) {
+    candidates[count++] = s;
+  }
+  for (int i = 0; i < count; ++i) {
+    const int64_t splits = std::max<int64_t>(1, std::min(candidates[i], full_items));
+    persistent.per = ceil_div(base.length, splits);
+    persistent.splits = ceil_div(base.length, persistent.per);
+    const int64_t items = ceil_div(persistent.per, persistent.ty);
+    if (items > cap) continue;
+    persistent.items = static_cast<int>(items);
+    persistent.units = groups * persistent.splits;
+    persistent.grid = static_cast<int>(std::min<int64_t>(persistent.units, 1 << 30));
+    persistent.shared_bytes = shared_for(items);
     int64_t co_resident = 0;
     const size_t shared = persistent.shared_bytes;
     const cudaError_t err = resident_ctas(
