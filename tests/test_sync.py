@@ -24,7 +24,7 @@ from torch.testing import assert_close
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import distributed as brn_dist
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.testing import make_params, tolerance
+from batchrenorm_cuda._testing import make_params, tolerance
 
 JOB_TIMEOUT_S = 150
 COLLECTIVE_TIMEOUT_S = 30
