@@ -32,7 +32,7 @@ venv: $(VENV)/.ready
 $(VENV)/.ready:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn onnx
 	touch $@
 
 build: $(VENV)/.built

@@ -7,8 +7,9 @@ metadata, so a checkpoint restores the schedule with it.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +113,14 @@ def _check_module_input(caller: str, ranks, shape_name: str, num_features: int,
                          f"(dim 1), expected num_features={num_features}")
 
 
+def _check_step_count(caller: str, name: str, value: object) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{caller}: {name} must be a non-negative integer, got "
+                        f"{type(value).__name__} {value!r}")
+    if not (value >= 0 and float(value).is_integer()):  # inf and NaN fail too
+        raise ValueError(f"{caller}: {name} must be a non-negative integer, got {value!r}")
+
+
 _SCHEDULE = ("r_max", "d_max", "warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps")
 _SCHEDULE_KEY = "batchrenorm_schedule"
 
@@ -132,8 +141,8 @@ class _BatchRenorm(_NormBase):
         warmup_steps: int = 5000,
         r_max_ramp_steps: int = 35000,
         d_max_ramp_steps: int = 20000,
-        device=None,
-        dtype=None,
+        device: Union[torch.device, str, int, None] = None,
+        dtype: Optional[torch.dtype] = None,
         *,
         bias: bool = True,
         backend: str = "auto",
@@ -143,8 +152,7 @@ class _BatchRenorm(_NormBase):
         check_hyperparameters(name, momentum, eps, r_max, d_max)
         for arg, value in (("warmup_steps", warmup_steps), ("r_max_ramp_steps", r_max_ramp_steps),
                            ("d_max_ramp_steps", d_max_ramp_steps)):
-            if int(value) != value or value < 0:
-                raise ValueError(f"{name}: {arg} must be a non-negative integer, got {value}")
+            _check_step_count(name, arg, value)
         if backend not in _BACKENDS:
             raise ValueError(f"{name}: backend must be one of {_BACKENDS}, got {backend!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
@@ -202,9 +210,7 @@ class _BatchRenorm(_NormBase):
             check_hyperparameters(name, self.momentum, self.eps, saved["r_max"],
                                   saved["d_max"])
             for k in _SCHEDULE[2:]:
-                if int(saved[k]) != saved[k] or saved[k] < 0:
-                    raise ValueError(f"{name}: the checkpoint's {k} for '{prefix[:-1]}' must be "
-                                     f"a non-negative integer, got {saved[k]!r}")
+                _check_step_count(name, f"the checkpoint's {k} for '{prefix[:-1]}'", saved[k])
             changed = {k: (getattr(self, k), saved[k]) for k in _SCHEDULE
                        if getattr(self, k) != saved[k]}
             if changed:
@@ -214,8 +220,28 @@ class _BatchRenorm(_NormBase):
                                                   changed.items()), UserWarning, stacklevel=4)
             for k in _SCHEDULE:
                 setattr(self, k, float(saved[k]) if k in ("r_max", "d_max") else int(saved[k]))
+        self._warn_if_counter_missing(state_dict, prefix, local_metadata, strict)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _warn_if_counter_missing(self, state_dict, prefix, local_metadata, strict) -> None:
+        # nn.BatchNorm fills a missing num_batches_tracked in silently (state_dicts from before
+        # the counter existed, or a plain dict copy, which has no version). There the counter
+        # rarely matters; here it is the schedule's position, so say that it restarted.
+        if not self.track_running_stats or prefix + "num_batches_tracked" in state_dict:
+            return
+        version = (local_metadata or {}).get("version")
+        if strict and version is not None and version >= 2:
+            return  # strict loading reports the missing key as an error
+        counter = self.num_batches_tracked
+        kept = "unchanged" if counter.is_meta else int(counter)
+        warnings.warn(
+            f"{type(self).__name__} '{prefix[:-1]}': the state_dict has no num_batches_tracked, "
+            f"so the step counter that drives the r_max/d_max schedule is not restored: it "
+            f"stays at {kept} (0 for a new layer, which restarts the schedule: "
+            f"{self.warmup_steps} warm-up steps with r_max=1, d_max=0, then the ramps). Load a "
+            "state_dict that has it, or set num_batches_tracked, to continue the schedule.",
+            UserWarning, stacklevel=4)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling it.
