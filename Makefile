@@ -4,7 +4,7 @@
 # make bench  set up .venv, build, run the benchmark on the default device (CUDA if present),
 #             then the module-level one (CPU: BatchRenormNd vs nn.BatchNormNd, 1 and 2 threads)
 # make fuzz   the reliability campaign (README, "Reliability"): 5,000 differential cases on every
-#             backend, 12,000 adversarial op calls (and 1,000 on the emulated CUDA ops), the op
+#             backend, 600 SyncBatchRenorm cases over gloo world sizes 1-4, 12,000 adversarial op calls (and 1,000 on the emulated CUDA ops), the op
 #             calls again under an AddressSanitizer + UBSan build of the CPU extension, and a
 #             training step on a float16 input of more than 2^31 elements (needs ~9 GB)
 #
@@ -48,6 +48,7 @@ test-cuda-emulation: build system-deps
 
 fuzz: build system-deps
 	$(PY) tests/fuzz_campaign.py --cases 5000 --jobs 2
+	$(PY) tests/fuzz_sync.py --cases 600
 	$(PY) tests/fuzz_ops.py --calls 12000
 	$(PY) tests/fuzz_ops.py --calls 1000 --namespace batchrenorm_emulated_cuda
 	$(PY) tests/fuzz_ops.py --asan --calls 12000

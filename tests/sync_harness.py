@@ -123,9 +123,13 @@ class CollectiveCounter:
         return dict(self.counts)
 
 
+SAVE_EVERY_S = 2.0
+
+
 def _entry(rank, world, port, outdir, job, args):
     torch.set_num_threads(1)
     results = {}
+    saved_at = time.monotonic()
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -139,8 +143,11 @@ def _entry(rank, world, port, outdir, job, args):
                                      collectives={k: after[k] - before[k] for k in after})
             except Exception:
                 results[name] = dict(ok=False, error=traceback.format_exc())
-            # Saved as we go, so that a job killed on timeout still tells what went wrong.
-            torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+            # Saved as we go (every few seconds: a campaign job runs hundreds of scenarios), so
+            # that a job killed on timeout still tells what went wrong.
+            if time.monotonic() - saved_at > SAVE_EVERY_S:
+                torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+                saved_at = time.monotonic()
     finally:
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
         if dist.is_initialized():
@@ -165,16 +172,16 @@ def _first_errors(outdir, world):
     return "\n".join(lines)
 
 
-def run_job(job, world, outdir, *args):
+def run_job(job, world, outdir, *args, timeout_s: float = JOB_TIMEOUT_S):
     """Run the scenarios job(*args) lists on `world` gloo ranks; {name: [result per rank]}."""
     ctx = mp.start_processes(_entry, args=(world, _free_port(), outdir, job, args),
                              nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOB_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     failure = None
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                failure = f"workers still running after {JOB_TIMEOUT_S} s (a collective hangs?)"
+                failure = f"workers still running after {timeout_s} s (a collective hangs?)"
                 break
     except mp.ProcessRaisedException as error:
         failure = f"a worker raised:\n{error}"
