@@ -25,6 +25,7 @@ host read once; steady-state steps make exactly one collective forward and one b
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
@@ -208,7 +209,11 @@ class SyncBatchRenormFunction(torch.autograd.Function):
         ctx.save_for_backward(input, mean, invstd, r, d, scale, total)
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
-        ctx.group = group
+        # A weak reference: a graph that outlives destroy_process_group() (an output kept
+        # without its backward, a reference cycle) must not keep the group alive. A gloo group
+        # still alive when the interpreter exits aborts the process ("terminate called without
+        # an active exception", torch's teardown; any Python reference to it does that).
+        ctx.group = weakref.ref(group)
         ctx.fused = fused
         return output
 
@@ -232,7 +237,11 @@ class SyncBatchRenormFunction(torch.autograd.Function):
             # peers wait forever. needs_input_grad[0] is the same on every rank running the
             # same model, as in nn.SyncBatchNorm.
             combined = torch.cat([sum_dy, sum_dy_xhat])
-            dist.all_reduce(combined, op=dist.ReduceOp.SUM, group=ctx.group)
+            group = ctx.group()
+            if group is None:
+                raise RuntimeError("SyncBatchRenorm: the process group of this forward was "
+                                   "destroyed before its backward")
+            dist.all_reduce(combined, op=dist.ReduceOp.SUM, group=group)
             mean_dy = combined[:channels] / total
             mean_dy_xhat = combined[channels:] / total
             if input.numel() > 0:

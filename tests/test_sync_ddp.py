@@ -2,6 +2,9 @@
 (find_unused_parameters, no_sync and gradient accumulation, torch.compile), the collectives a
 training step makes, and a non-finite value on one rank. One job of 2 processes runs every
 scenario (tests/sync_harness.py); each is checked against one process on the whole batch."""
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -145,11 +148,29 @@ def _nan_on_one_rank(backend):
                 buffers={k: v.clone() for k, v in layer.named_buffers()})
 
 
+def _graph_outliving_its_group():
+    """A forward whose backward never runs (an output kept to the end of a script) must not
+    keep its group alive past destroy_process_group(): a gloo group alive at interpreter exit
+    aborts the process (tests/torchrun_loop.py). Its backward then says what happened."""
+    group = dist.new_group([0, 1])
+    layer = brn.SyncBatchRenorm(3, process_group=group)
+    out = layer(torch.randn(2, 3, 2, requires_grad=True))
+    alive = weakref.ref(group)
+    dist.destroy_process_group(group)
+    del group, layer
+    gc.collect()
+    try:
+        out.sum().backward()
+    except RuntimeError as error:
+        return dict(group_freed=alive() is None, error=str(error))
+    return dict(group_freed=alive() is None, error="no error")
+
+
 def ddp_job(backends):
     scenarios = [(f"ddp/{mode}", _ddp_train, (mode,)) for mode in MODES]
     scenarios += [(f"collectives/{b}", _collectives_per_step, (b,)) for b in backends]
     scenarios += [(f"nan/{b}", _nan_on_one_rank, (b,)) for b in backends]
-    return scenarios
+    return scenarios + [("graph-outliving-group", _graph_outliving_its_group, ())]
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +231,10 @@ def test_nan_on_one_rank_reaches_every_rank(ddp, backend, request):
         assert int(buffers["num_batches_tracked"]) == 1
         for k, v in results[0]["buffers"].items():
             assert torch.equal(buffers[k], v), f"{k} differs between ranks"
+
+
+def test_a_graph_does_not_keep_its_group_alive(ddp):
+    for res in values(ddp, "graph-outliving-group"):
+        assert res["value"]["group_freed"], "the autograd graph kept the process group alive"
+        assert "process group of this forward was destroyed before its backward" in \
+            res["value"]["error"], res["value"]["error"]
