@@ -150,11 +150,12 @@ class SyncBatchRenormFunction(torch.autograd.Function):
     backward is nn.SyncBatchNorm's with weight * r as the scale."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    def forward(ctx: Any, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
                 r_max: float, d_max: float, warmup_steps: int, r_max_ramp_steps: int,
-                d_max_ramp_steps: int, group, world_size: int, fused: bool) -> Tensor:
+                d_max_ramp_steps: int, group: ProcessGroup, world_size: int,
+                fused: bool) -> Tensor:
         sdt = stat_dtype(input.dtype)
         channels = input.shape[1]
         if fused:
@@ -219,7 +220,7 @@ class SyncBatchRenormFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx: Any, grad_output: Tensor) -> tuple:
         input, mean, invstd, r, d, scale, total = ctx.saved_tensors
         channels = input.shape[1]
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Optional, Tuple, Union
+from typing import NoReturn, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -159,12 +159,12 @@ class _BatchRenorm(_NormBase):
         if affine and not bias:
             # Set here rather than passed on: _NormBase takes bias= only from torch 2.6 on.
             self.register_parameter("bias", None)
-        self.r_max = float(r_max)
-        self.d_max = float(d_max)
-        self.warmup_steps = int(warmup_steps)
-        self.r_max_ramp_steps = int(r_max_ramp_steps)
-        self.d_max_ramp_steps = int(d_max_ramp_steps)
-        self.backend = backend
+        self.r_max: float = float(r_max)
+        self.d_max: float = float(d_max)
+        self.warmup_steps: int = int(warmup_steps)
+        self.r_max_ramp_steps: int = int(r_max_ramp_steps)
+        self.d_max_ramp_steps: int = int(d_max_ramp_steps)
+        self.backend: str = backend
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_module_input(type(self).__name__, self._expected_ranks, self._shape_name,
@@ -243,7 +243,7 @@ class _BatchRenorm(_NormBase):
             "state_dict that has it, or set num_batches_tracked, to continue the schedule.",
             UserWarning, stacklevel=4)
 
-    def __prepare_scriptable__(self):
+    def __prepare_scriptable__(self) -> NoReturn:
         # torch.jit.script calls this on every submodule before compiling it.
         name = type(self).__name__
         raise RuntimeError(
