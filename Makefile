@@ -8,8 +8,8 @@
 #             H100 figures against ATen's native kernels: modelled, not measured
 #             (benchmarks/results/gpu_model_h100.*; 5-10 minutes on 2 cores)
 # make fuzz   the reliability campaign (README, "Reliability"): 5,000 differential cases on every
-#             backend, 12,000 adversarial op calls (and 1,000 on the emulated CUDA ops), the op
-#             calls again under an AddressSanitizer + UBSan build of the CPU extension, and a
+#             backend, 600 SyncBatchRenorm cases over gloo world sizes 1-4, 12,000 adversarial
+#             op calls (and 1,000 on the emulated CUDA ops), the op calls again under an AddressSanitizer + UBSan build of the CPU extension, and a
 #             training step on a float16 input of more than 2^31 elements (needs ~9 GB)
 # make test-install   the ways users install (pip install ., --no-build-isolation with two torch
 #             releases, with no CUDA toolkit, python -m build and its wheel, a wheel run with
@@ -51,7 +51,7 @@ venv: $(READY)
 $(READY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=77" ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn
+	$(PY) -m pip install -q "setuptools>=77" ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn onnx
 	touch $@
 
 build: $(VENV)/.built
@@ -67,6 +67,7 @@ test-cuda-emulation: build system-deps
 
 fuzz: build system-deps
 	$(PY) tests/fuzz_campaign.py --cases 5000 --jobs 2
+	$(PY) tests/fuzz_sync.py --cases 600
 	$(PY) tests/fuzz_ops.py --calls 12000
 	$(PY) tests/fuzz_ops.py --calls 1000 --namespace batchrenorm_emulated_cuda
 	$(PY) tests/fuzz_ops.py --asan --calls 12000

@@ -9,13 +9,8 @@ from . import reference
 from ._ops import extension_available
 from .distributed import SyncBatchRenorm
 from .functional import batch_renorm
-from .modules import (
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    convert_batchnorm,
-    revert_batchnorm,
-)
+from .convert import convert_batchnorm, revert_batchnorm
+from .modules import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = [
     "batch_renorm",

@@ -7,7 +7,7 @@ or fails to load, the package works on the pure-PyTorch reference and says so on
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -41,9 +41,21 @@ def _has_kernel(device_type: str) -> bool:
 _AVAILABLE = {device_type: _has_kernel(device_type) for device_type in _DISPATCH_KEYS}
 
 
-def extension_available(device_type: str) -> bool:
-    """Whether fused kernels are built and usable for a device type ("cpu" or "cuda")."""
-    return _AVAILABLE.get(device_type, False)
+def extension_available(device: Union[str, torch.device]) -> bool:
+    """Whether fused kernels are built and usable for a device: a device type ("cpu", "cuda"),
+    a device string ("cuda:1") or a torch.device. Device types are lower case, as in torch;
+    a string that names no device type raises ValueError rather than answering False."""
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"extension_available: device must be a device type such as 'cpu' "
+                             f"or 'cuda' (lower case, as torch.device takes it) or a "
+                             f"torch.device, got {device!r}") from None
+    if not isinstance(device, torch.device):
+        raise TypeError(f"extension_available: device must be a str or a torch.device, got "
+                        f"{type(device).__name__}")
+    return _AVAILABLE.get(device.type, False)
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -144,6 +156,6 @@ if _C is not None:
     register_vmaps("batchrenorm")
 
 # The op namespace batch_renorm's fused path calls. Tests point it at another namespace with the
-# same schemas (batchrenorm_cuda.testing.fused_ops_namespace: the CUDA emulation).
+# same schemas (batchrenorm_cuda._testing.fused_ops_namespace: the CUDA emulation).
 OPS = torch.ops.batchrenorm
 

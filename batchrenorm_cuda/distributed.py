@@ -24,52 +24,24 @@ host read once; steady-state steps make exactly one collective forward and one b
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import inspect
+import weakref
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import reference
-from ._ops import extension_available, memory_format_of
-from .functional import _INPUT_DTYPES, _check_per_channel
+from . import _ops, reference
+from ._ops import memory_format_of
+from .functional import _INPUT_DTYPES, _check_buffers_given, _check_per_channel, use_fused
 from .modules import _BatchRenorm
 from .reference import stat_dtype
 
-_BLOCK_OPS = ("batch_stats", "normalize", "backward_reduce", "backward_input")
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 _STAT_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
-
-
-def _has_blocks(device_type: str) -> bool:
-    if not extension_available(device_type):
-        return False
-    key = _DISPATCH_KEYS[device_type]
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"batchrenorm::{op}", key)
-               for op in _BLOCK_OPS)
-
-
-# Computed once, like _ops.extension_available: the kernels are registered at import time.
-_BLOCKS_AVAILABLE = {device_type: _has_blocks(device_type) for device_type in _DISPATCH_KEYS}
-
-
-def fused_blocks_available(device_type: str) -> bool:
-    """Whether SyncBatchRenorm runs on fused kernels for a device type ("cpu" or "cuda")."""
-    return _BLOCKS_AVAILABLE.get(device_type, False)
-
-
-def _use_fused(device_type: str, backend: str) -> bool:
-    if backend == "auto":
-        return fused_blocks_available(device_type)
-    if backend == "reference":
-        return False
-    if backend == "fused":
-        if not fused_blocks_available(device_type):
-            raise RuntimeError(f"SyncBatchRenorm: backend='fused' but the fused building blocks "
-                               f"({', '.join(_BLOCK_OPS)}) are not built for {device_type} tensors")
-        return True
-    raise ValueError(f"SyncBatchRenorm: backend must be 'auto', 'fused' or 'reference', "
-                     f"got {backend!r}")
 
 
 def _channel_shape(x: Tensor) -> Tuple[int, ...]:
@@ -86,7 +58,7 @@ def _reduce_dims(x: Tensor) -> Tuple[int, ...]:
 def _local_stats(x: Tensor, fused: bool) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and M2 = sum((x - mean)^2) of this rank's slice, in the stats dtype."""
     if fused:
-        return torch.ops.batchrenorm.batch_stats(x)
+        return _ops.OPS.batch_stats(x)
     xs = x.to(stat_dtype(x.dtype))
     dims = _reduce_dims(x)
     mean = xs.mean(dims)
@@ -96,7 +68,7 @@ def _local_stats(x: Tensor, fused: bool) -> Tuple[Tensor, Tensor]:
 
 def _normalize(x: Tensor, scale: Tensor, shift: Tensor, fused: bool) -> Tensor:
     if fused:
-        return torch.ops.batchrenorm.normalize(x, scale, shift)
+        return _ops.OPS.normalize(x, scale, shift)
     shape = _channel_shape(x)
     y = x.to(scale.dtype) * scale.view(shape) + shift.view(shape)
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
@@ -105,7 +77,7 @@ def _normalize(x: Tensor, scale: Tensor, shift: Tensor, fused: bool) -> Tensor:
 def _backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                      fused: bool) -> Tuple[Tensor, Tensor]:
     if fused:
-        return torch.ops.batchrenorm.backward_reduce(dy, x, mean, invstd)
+        return _ops.OPS.backward_reduce(dy, x, mean, invstd)
     shape, dims = _channel_shape(x), _reduce_dims(x)
     g = dy.to(mean.dtype)
     xhat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
@@ -115,8 +87,7 @@ def _backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
 def _backward_input(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor,
                     mean_dy: Tensor, mean_dy_xhat: Tensor, fused: bool) -> Tensor:
     if fused:
-        return torch.ops.batchrenorm.backward_input(dy, x, mean, invstd, scale, mean_dy,
-                                                    mean_dy_xhat)
+        return _ops.OPS.backward_input(dy, x, mean, invstd, scale, mean_dy, mean_dy_xhat)
     shape = _channel_shape(x)
     g = dy.to(mean.dtype)
     xhat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
@@ -179,11 +150,12 @@ class SyncBatchRenormFunction(torch.autograd.Function):
     backward is nn.SyncBatchNorm's with weight * r as the scale."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    def forward(ctx: Any, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
                 r_max: float, d_max: float, warmup_steps: int, r_max_ramp_steps: int,
-                d_max_ramp_steps: int, group, world_size: int, fused: bool) -> Tensor:
+                d_max_ramp_steps: int, group: ProcessGroup, world_size: int,
+                fused: bool) -> Tensor:
         sdt = stat_dtype(input.dtype)
         channels = input.shape[1]
         if fused:
@@ -238,13 +210,17 @@ class SyncBatchRenormFunction(torch.autograd.Function):
         ctx.save_for_backward(input, mean, invstd, r, d, scale, total)
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
-        ctx.group = group
+        # A weak reference: a graph that outlives destroy_process_group() (an output kept
+        # without its backward, a reference cycle) must not keep the group alive. A gloo group
+        # still alive when the interpreter exits aborts the process ("terminate called without
+        # an active exception", torch's teardown; any Python reference to it does that).
+        ctx.group = weakref.ref(group)
         ctx.fused = fused
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx: Any, grad_output: Tensor) -> tuple:
         input, mean, invstd, r, d, scale, total = ctx.saved_tensors
         channels = input.shape[1]
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -262,7 +238,11 @@ class SyncBatchRenormFunction(torch.autograd.Function):
             # peers wait forever. needs_input_grad[0] is the same on every rank running the
             # same model, as in nn.SyncBatchNorm.
             combined = torch.cat([sum_dy, sum_dy_xhat])
-            dist.all_reduce(combined, op=dist.ReduceOp.SUM, group=ctx.group)
+            group = ctx.group()
+            if group is None:
+                raise RuntimeError("SyncBatchRenorm: the process group of this forward was "
+                                   "destroyed before its backward")
+            dist.all_reduce(combined, op=dist.ReduceOp.SUM, group=group)
             mean_dy = combined[:channels] / total
             mean_dy_xhat = combined[channels:] / total
             if input.numel() > 0:
@@ -306,30 +286,13 @@ class SyncBatchRenorm(_BatchRenorm):
     times, in the same order, in the same mode (train/eval), as with nn.SyncBatchNorm.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.01,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup_steps: int = 5000,
-        r_max_ramp_steps: int = 35000,
-        d_max_ramp_steps: int = 20000,
-        process_group=None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, r_max, d_max,
-                         warmup_steps, r_max_ramp_steps, d_max_ramp_steps, device=device,
-                         dtype=dtype)
+    def __init__(self, *args: Any, process_group: Optional[ProcessGroup] = None,
+                 **kwargs: Any) -> None:
+        """BatchRenorm2d's arguments, all of them (bias= and backend= too), plus the keyword-only
+        process_group; the signature shown by help() and inspect is the full one."""
+        super().__init__(*args, **kwargs)
         self.process_group = process_group
-        # "auto" | "fused" | "reference": which implementation of the O(N*C*spatial) passes
-        # the synchronised path uses (tests force one). Not part of the state_dict.
-        self._backend = "auto"
-        self._agreed_key = None
+        self._agreed_key: Optional[tuple] = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -362,7 +325,14 @@ class SyncBatchRenorm(_BatchRenorm):
         sync = self._sync_group() if self.training else None
         if sync is None:
             return super().forward(input)
-        group, world_size = sync
+        return self._synchronised_forward(input, *sync)
+
+    # torch.compile runs this step eagerly, a graph break on each side (as for nn.SyncBatchNorm
+    # over gloo): Dynamo cannot trace an autograd.Function whose forward and backward make
+    # blocking collectives and whose first step reads the group's header back to the host. The
+    # rest of a compiled model stays compiled; the unsynchronised and eval paths compile whole.
+    @torch.compiler.disable
+    def _synchronised_forward(self, input: Tensor, group: ProcessGroup, world_size: int) -> Tensor:
         caller = type(self).__name__
         if input.dtype not in _INPUT_DTYPES:
             raise TypeError(f"{caller}: input must be float32, float64, float16 or bfloat16, "
@@ -370,6 +340,7 @@ class SyncBatchRenorm(_BatchRenorm):
         sdt = stat_dtype(input.dtype)
         for name in ("running_mean", "running_var", "weight", "bias"):
             _check_per_channel(caller, name, getattr(self, name), input, sdt)
+        _check_buffers_given(caller, self.running_mean, self.running_var, True)
         if dist.get_backend(group) == "nccl" and input.device.type != "cuda":
             raise ValueError(f"{caller}: the process group uses NCCL, which needs CUDA tensors; "
                              f"got input on {input.device}")
@@ -384,5 +355,16 @@ class SyncBatchRenorm(_BatchRenorm):
             self.running_mean if tracking else None, self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None, self.momentum, self.eps,
             self.r_max, self.d_max, self.warmup_steps, self.r_max_ramp_steps,
-            self.d_max_ramp_steps, group, world_size,
-            _use_fused(input.device.type, self._backend))
+            self.d_max_ramp_steps, group, world_size, use_fused(input, self.backend, caller))
+
+
+def _full_signature() -> inspect.Signature:
+    # __init__ forwards *args and **kwargs so that _BatchRenorm's arguments are written once;
+    # help() and inspect show them with process_group added.
+    base = inspect.signature(_BatchRenorm.__init__)
+    group = inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation="Optional[ProcessGroup]")
+    return base.replace(parameters=[*base.parameters.values(), group])
+
+
+SyncBatchRenorm.__init__.__signature__ = _full_signature()  # type: ignore[attr-defined]

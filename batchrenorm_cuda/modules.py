@@ -1,4 +1,4 @@
-"""BatchRenorm1d/2d/3d: drop-in replacements for nn.BatchNorm1d/2d/3d, and convert/revert.
+"""BatchRenorm1d/2d/3d: drop-in replacements for nn.BatchNorm1d/2d/3d (convert.py swaps them in).
 
 The buffers keep nn.BatchNorm's names and meaning (running_mean, running_var unbiased,
 num_batches_tracked), so state_dicts move between the two unchanged. num_batches_tracked also
@@ -7,11 +7,12 @@ metadata, so a checkpoint restores the schedule with it.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
-from typing import Optional, Tuple
+from typing import NoReturn, Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import reference
@@ -112,6 +113,14 @@ def _check_module_input(caller: str, ranks, shape_name: str, num_features: int,
                          f"(dim 1), expected num_features={num_features}")
 
 
+def _check_step_count(caller: str, name: str, value: object) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{caller}: {name} must be a non-negative integer, got "
+                        f"{type(value).__name__} {value!r}")
+    if not (value >= 0 and float(value).is_integer()):  # inf and NaN fail too
+        raise ValueError(f"{caller}: {name} must be a non-negative integer, got {value!r}")
+
+
 _SCHEDULE = ("r_max", "d_max", "warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps")
 _SCHEDULE_KEY = "batchrenorm_schedule"
 
@@ -132,8 +141,8 @@ class _BatchRenorm(_NormBase):
         warmup_steps: int = 5000,
         r_max_ramp_steps: int = 35000,
         d_max_ramp_steps: int = 20000,
-        device=None,
-        dtype=None,
+        device: Union[torch.device, str, int, None] = None,
+        dtype: Optional[torch.dtype] = None,
         *,
         bias: bool = True,
         backend: str = "auto",
@@ -143,20 +152,19 @@ class _BatchRenorm(_NormBase):
         check_hyperparameters(name, momentum, eps, r_max, d_max)
         for arg, value in (("warmup_steps", warmup_steps), ("r_max_ramp_steps", r_max_ramp_steps),
                            ("d_max_ramp_steps", d_max_ramp_steps)):
-            if int(value) != value or value < 0:
-                raise ValueError(f"{name}: {arg} must be a non-negative integer, got {value}")
+            _check_step_count(name, arg, value)
         if backend not in _BACKENDS:
             raise ValueError(f"{name}: backend must be one of {_BACKENDS}, got {backend!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
             # Set here rather than passed on: _NormBase takes bias= only from torch 2.6 on.
             self.register_parameter("bias", None)
-        self.r_max = float(r_max)
-        self.d_max = float(d_max)
-        self.warmup_steps = int(warmup_steps)
-        self.r_max_ramp_steps = int(r_max_ramp_steps)
-        self.d_max_ramp_steps = int(d_max_ramp_steps)
-        self.backend = backend
+        self.r_max: float = float(r_max)
+        self.d_max: float = float(d_max)
+        self.warmup_steps: int = int(warmup_steps)
+        self.r_max_ramp_steps: int = int(r_max_ramp_steps)
+        self.d_max_ramp_steps: int = int(d_max_ramp_steps)
+        self.backend: str = backend
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_module_input(type(self).__name__, self._expected_ranks, self._shape_name,
@@ -202,9 +210,7 @@ class _BatchRenorm(_NormBase):
             check_hyperparameters(name, self.momentum, self.eps, saved["r_max"],
                                   saved["d_max"])
             for k in _SCHEDULE[2:]:
-                if int(saved[k]) != saved[k] or saved[k] < 0:
-                    raise ValueError(f"{name}: the checkpoint's {k} for '{prefix[:-1]}' must be "
-                                     f"a non-negative integer, got {saved[k]!r}")
+                _check_step_count(name, f"the checkpoint's {k} for '{prefix[:-1]}'", saved[k])
             changed = {k: (getattr(self, k), saved[k]) for k in _SCHEDULE
                        if getattr(self, k) != saved[k]}
             if changed:
@@ -214,10 +220,30 @@ class _BatchRenorm(_NormBase):
                                                   changed.items()), UserWarning, stacklevel=4)
             for k in _SCHEDULE:
                 setattr(self, k, float(saved[k]) if k in ("r_max", "d_max") else int(saved[k]))
+        self._warn_if_counter_missing(state_dict, prefix, local_metadata, strict)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def __prepare_scriptable__(self):
+    def _warn_if_counter_missing(self, state_dict, prefix, local_metadata, strict) -> None:
+        # nn.BatchNorm fills a missing num_batches_tracked in silently (state_dicts from before
+        # the counter existed, or a plain dict copy, which has no version). There the counter
+        # rarely matters; here it is the schedule's position, so say that it restarted.
+        if not self.track_running_stats or prefix + "num_batches_tracked" in state_dict:
+            return
+        version = (local_metadata or {}).get("version")
+        if strict and version is not None and version >= 2:
+            return  # strict loading reports the missing key as an error
+        counter = self.num_batches_tracked
+        kept = "unchanged" if counter.is_meta else int(counter)
+        warnings.warn(
+            f"{type(self).__name__} '{prefix[:-1]}': the state_dict has no num_batches_tracked, "
+            f"so the step counter that drives the r_max/d_max schedule is not restored: it "
+            f"stays at {kept} (0 for a new layer, which restarts the schedule: "
+            f"{self.warmup_steps} warm-up steps with r_max=1, d_max=0, then the ramps). Load a "
+            "state_dict that has it, or set num_batches_tracked, to continue the schedule.",
+            UserWarning, stacklevel=4)
+
+    def __prepare_scriptable__(self) -> NoReturn:
         # torch.jit.script calls this on every submodule before compiling it.
         name = type(self).__name__
         raise RuntimeError(
@@ -257,94 +283,3 @@ class BatchRenorm3d(_BatchRenorm):
 
     _expected_ranks = (5,)
     _shape_name = "5D (N, C, D, H, W)"
-
-
-_RENORM_OF = ((nn.BatchNorm1d, BatchRenorm1d), (nn.BatchNorm2d, BatchRenorm2d),
-              (nn.BatchNorm3d, BatchRenorm3d))
-
-
-def _carry_state(source: nn.Module, target: nn.Module) -> nn.Module:
-    """Share parameters and buffers (as nn.SyncBatchNorm.convert_sync_batchnorm does), so an
-    optimizer that holds the old parameters keeps working, and copy the training flag."""
-    if source.affine:
-        with torch.no_grad():
-            target.weight = source.weight
-            target.bias = source.bias
-    target.running_mean = source.running_mean
-    target.running_var = source.running_var
-    target.num_batches_tracked = source.num_batches_tracked
-    target.train(source.training)
-    if hasattr(source, "qconfig"):
-        target.qconfig = source.qconfig
-    return target
-
-
-def _swap_recursively(module: nn.Module, swap) -> nn.Module:
-    output = swap(module)
-    for name, child in module.named_children():
-        output.add_module(name, _swap_recursively(child, swap))
-    return output
-
-
-def _sync_kwargs(m: nn.Module, process_group) -> dict:
-    # An explicit process_group wins; else a synchronised layer keeps the group it had.
-    group = process_group if process_group is not None else getattr(m, "process_group", None)
-    return dict(process_group=group)
-
-
-def convert_batchnorm(module: nn.Module, sync: bool = False, process_group=None,
-                      **batchrenorm_kwargs) -> nn.Module:
-    """Return `module` with its BatchNorm layers replaced by Batch Renorm.
-
-    sync=False: nn.BatchNorm1d/2d/3d become BatchRenorm1d/2d/3d. sync=True: they become
-    SyncBatchRenorm over `process_group` (None: the default group), for
-    DistributedDataParallel. nn.SyncBatchNorm always becomes SyncBatchRenorm, whatever `sync`
-    says: the model already asked for synchronised statistics (and a SyncBatchNorm does not say
-    whether its input is 1d, 2d or 3d); it keeps its own process_group unless one is given.
-
-    Weights, buffers (so the schedule's step count too), the training flag, device and dtype
-    carry over; eps and momentum are the BatchNorm's unless given. batchrenorm_kwargs go to
-    the BatchRenorm constructor (r_max, d_max, warmup_steps, ...).
-    """
-    from .distributed import SyncBatchRenorm  # distributed imports this module
-
-    def swap(m: nn.Module) -> nn.Module:
-        kwargs = dict(eps=m.eps, momentum=m.momentum) if isinstance(m, _NormBase) else {}
-        kwargs.update(batchrenorm_kwargs)
-        if isinstance(m, nn.SyncBatchNorm) or (
-                sync and isinstance(m, tuple(bn for bn, _ in _RENORM_OF))):
-            new = SyncBatchRenorm(m.num_features, affine=m.affine,
-                                  track_running_stats=m.track_running_stats,
-                                  **_sync_kwargs(m, process_group), **kwargs)
-            return _carry_state(m, new)
-        for bn_type, renorm_type in _RENORM_OF:
-            if isinstance(m, bn_type):
-                new = renorm_type(m.num_features, affine=m.affine,
-                                  track_running_stats=m.track_running_stats, **kwargs)
-                return _carry_state(m, new)
-        return m
-
-    return _swap_recursively(module, swap)
-
-
-def revert_batchnorm(module: nn.Module, sync: bool = False, process_group=None) -> nn.Module:
-    """The inverse of convert_batchnorm: BatchRenorm1d/2d/3d become nn.BatchNorm1d/2d/3d (or
-    nn.SyncBatchNorm over `process_group` when sync=True), and SyncBatchRenorm always becomes
-    nn.SyncBatchNorm, keeping its own process_group unless one is given."""
-    from .distributed import SyncBatchRenorm  # distributed imports this module
-
-    def swap(m: nn.Module) -> nn.Module:
-        if type(m) is SyncBatchRenorm or (
-                sync and type(m) in tuple(renorm for _, renorm in _RENORM_OF)):
-            new = nn.SyncBatchNorm(m.num_features, eps=m.eps, momentum=m.momentum,
-                                   affine=m.affine, track_running_stats=m.track_running_stats,
-                                   **_sync_kwargs(m, process_group))
-            return _carry_state(m, new)
-        for bn_type, renorm_type in _RENORM_OF:
-            if type(m) is renorm_type:
-                new = bn_type(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                              track_running_stats=m.track_running_stats)
-                return _carry_state(m, new)
-        return m
-
-    return _swap_recursively(module, swap)

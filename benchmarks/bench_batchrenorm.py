@@ -41,7 +41,7 @@ if str(HERE.parent) not in sys.path:
 
 import batchrenorm_cuda  # noqa: E402
 from batchrenorm_cuda import reference  # noqa: E402
-from batchrenorm_cuda.testing import BATCH_SIZES, RESNET50_SHAPES, make_params  # noqa: E402
+from batchrenorm_cuda._testing import BATCH_SIZES, RESNET50_SHAPES, make_params  # noqa: E402
 
 import harness  # noqa: E402
 
@@ -478,7 +478,7 @@ def parse_args(argv=None):
     p.add_argument("--shapes", type=_csv(_shape), default=None,
                    help="comma-separated CxHxW (default: ResNet-50's BatchNorm shapes)")
     p.add_argument("--batch-sizes", default=None,
-                   help="comma-separated N, or 'all' for batchrenorm_cuda.testing.BATCH_SIZES")
+                   help="comma-separated N, or 'all' for batchrenorm_cuda._testing.BATCH_SIZES")
     p.add_argument("--reps", type=int, default=None,
                    help="fixed number of timed samples (default: from --rep-ms)")
     p.add_argument("--rep-ms", type=float, default=None, help="time budget for samples")

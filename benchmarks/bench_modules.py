@@ -7,7 +7,12 @@ channels_last layers at N <= 16. Each alone ("norm") and in a block (Linear or C
 ReLU), eager and under torch.compile. Warm-up off (the bounds are the final ones), as in issue
 11's measurements; the step counter still advances.
 
-    python benchmarks/bench_modules.py [--threads 1,2] [--quick] [--no-compile] [--out PATH]
+    python benchmarks/bench_modules.py [--threads 1,2] [--quick] [--no-compile] [--no-networks]
+                                       [--networks-only] [--out PATH]
+
+Whole networks (benchmarks/networks.py): a training step with the loss and the optimizer step
+of issue 22's 4-layer CNN (SGD with momentum), a ResNet-18-style stack at batch 2 and 8, and a
+CrossQ critic (Adam), converted with convert_batchnorm's defaults, eager and torch.compile'd.
 
 Timing is benchmarks/harness.py's measure_many: the two models' samples interleaved on the CPU,
 so a load that comes and goes hits both alike. The ratio brn / bn is what to read: the median of
@@ -29,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import networks  # noqa: E402
 
 import batchrenorm_cuda as brn  # noqa: E402
 
@@ -106,6 +112,30 @@ def run_case(name, shape, layout, kind, compiled: bool, cfg) -> Dict[str, object
     return row
 
 
+def run_network(name: str, compiled: bool, cfg) -> Dict[str, object]:
+    """One whole network's training step (forward, loss, backward, optimizer step), BatchRenorm
+    against nn.BatchNorm, interleaved like the blocks."""
+    if compiled:
+        torch._dynamo.reset()
+    steps = networks.training_steps(name, compiled)
+    # mode "fwd" of the harness times the callable as it is: here the whole training step.
+    entries = {label: (step, [], nullcontext) for label, step in steps.items()}
+    timings = harness.measure_many(entries, torch.empty(0), "fwd", cfg)
+    row = dict(case=name, shape=[], layout="", kind="network",
+               mode="compiled" if compiled else "eager")
+    for label, t in timings.items():
+        if "error" in t:
+            row[f"{label}_error"] = t["error"]
+        else:
+            row[f"{label}_ms"], row[f"{label}_p20_ms"], row[f"{label}_p80_ms"] = (
+                t["device_ms"], t["p20_ms"], t["p80_ms"])
+            row["reps"] = t["reps"]
+    if "brn_ms" in row and "bn_ms" in row:
+        row["ratio"] = harness.paired_ratio(timings["brn"], timings["bn"])
+        row["ratio_of_medians"] = row["brn_ms"] / row["bn_ms"]
+    return row
+
+
 def work(quick: bool, compile_: bool):
     for name, shape, layout in RL + CONV:
         if quick and name not in QUICK:
@@ -121,11 +151,13 @@ def summary(rows: List[Dict[str, object]]) -> Dict[str, float]:
     out = {}
     for threads in sorted({r["threads"] for r in rows}):
         for mode in ("eager", "compiled"):
-            ratios = [r["ratio"] for r in rows
-                      if r["threads"] == threads and r["mode"] == mode and "ratio" in r]
-            if ratios:
-                out[f"{threads}t {mode} geomean"] = harness.geomean(ratios)
-                out[f"{threads}t {mode} worst"] = max(ratios)
+            for label, networks_only in (("", False), (" networks", True)):
+                ratios = [r["ratio"] for r in rows
+                          if r["threads"] == threads and r["mode"] == mode and "ratio" in r
+                          and (r["kind"] == "network") == networks_only]
+                if ratios:
+                    out[f"{threads}t {mode}{label} geomean"] = harness.geomean(ratios)
+                    out[f"{threads}t {mode}{label} worst"] = max(ratios)
     return out
 
 
@@ -171,6 +203,8 @@ def main(argv=None):
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--quick", action="store_true", help="four shapes, eager only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
+    p.add_argument("--no-networks", action="store_true", help="skip the whole networks")
+    p.add_argument("--networks-only", action="store_true", help="only the whole networks")
     p.add_argument("--rep-ms", type=float, default=1000.0,
                    help="time budget of the samples per case (at least --min-reps rounds)")
     p.add_argument("--min-reps", type=int, default=15)
@@ -185,15 +219,20 @@ def main(argv=None):
     try:
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
-            for name, shape, layout, kind, compiled in work(args.quick, not args.no_compile):
+            cases = [] if args.networks_only else list(work(args.quick, not args.no_compile))
+            if not args.no_networks and not args.quick:
+                cases += [(name, None, "", "network", compiled) for name in networks.NETWORKS
+                          for compiled in ((False, True) if not args.no_compile else (False,))]
+            for name, shape, layout, kind, compiled in cases:
                 try:
-                    row = run_case(name, shape, layout, kind, compiled, cfg)
+                    row = (run_network(name, compiled, cfg) if kind == "network"
+                           else run_case(name, shape, layout, kind, compiled, cfg))
                 except Exception as error:  # noqa: BLE001 - one case must not lose the run
-                    row = dict(case=name, shape=list(shape), layout=layout, kind=kind,
+                    row = dict(case=name, shape=list(shape or ()), layout=layout, kind=kind,
                                mode="compiled" if compiled else "eager", error=repr(error))
                 row["threads"] = threads
                 result["rows"].append(row)
-                print(f"{threads}t {name:18s} {layout:13s} {kind:5s} "
+                print(f"{threads}t {name:22s} {layout:13s} {kind:7s} "
                       f"{row['mode']:8s} {row.get('ratio', float('nan')):.2f}", flush=True)
     finally:
         torch.set_num_threads(previous)

@@ -242,7 +242,7 @@ def ours_kernels(op: str, shape, layout: str, elt: int, records, P=H100) -> List
 def cases(quick: bool, smoke: bool = False):
     import torch
 
-    from batchrenorm_cuda.testing import BATCH_SIZES, RESNET50_SHAPES, RL_SHAPES
+    from batchrenorm_cuda._testing import BATCH_SIZES, RESNET50_SHAPES, RL_SHAPES
 
     if smoke:  # the script end to end in seconds (tests/test_cuda_traffic.py)
         return [((2, 16, 8, 8), "contiguous", torch.float32),
@@ -292,7 +292,7 @@ def price(row: Dict, P=H100):
 
 
 def model(counted_cases) -> List[Dict]:
-    from batchrenorm_cuda.testing import fits_on_chip, traffic_limit
+    from batchrenorm_cuda._testing import fits_on_chip, traffic_limit
 
     rows = []
     for (shape, layout, dtype), counted in counted_cases:

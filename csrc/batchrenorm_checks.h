@@ -184,8 +184,9 @@ inline TrainFlags check_forward_train(
                 step.device(), ", expected ", input.device(), " like input");
   }
   TORCH_CHECK_VALUE(momentum.has_value() || f.has_step || !f.has_running, op,
-                    ": momentum=None (cumulative average) needs num_batches_tracked; pass a "
-                    "float momentum");
+                    ": momentum=None (a cumulative average) needs the step counter "
+                    "num_batches_tracked, which batch_renorm() does not take (the modules "
+                    "BatchRenorm1d/2d/3d keep one); pass a float momentum");
   return f;
 }
 

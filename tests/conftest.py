@@ -56,7 +56,7 @@ def backend(request):
     if request.param == "fused":
         yield "fused"
         return
-    from batchrenorm_cuda.testing import fused_ops_namespace
+    from batchrenorm_cuda._testing import fused_ops_namespace
 
     request.getfixturevalue("cuda_emulation").set_device(16, 2)
     with fused_ops_namespace("batchrenorm_emulated_cuda"):

@@ -190,7 +190,7 @@ def count_train_step(module, shape, layout, dtype, seed=0):
     statistics and every gradient): {"forward_train": records, "backward": records,
     "tensor_bytes": bytes of one tensor of `shape`, "channels": C}. `layout`: "contiguous",
     "channels_last" (4-D) or "rows" ((N, C))."""
-    from batchrenorm_cuda.testing import make_params
+    from batchrenorm_cuda._testing import make_params
 
     ops = getattr(torch.ops, NAMESPACE)
     g = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
 from batchrenorm_cuda.functional import _batch_renorm
-from batchrenorm_cuda.testing import make_params, tolerance
+from batchrenorm_cuda._testing import make_params, tolerance
 
 # A schedule that is active from the second step on, so r and d really are clipped.
 SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.testing import tolerance
+from batchrenorm_cuda._testing import tolerance
 
 SHAPE = (8, 64, 2049, 2048)  # 2,148,007,936 elements > 2^31 = 2,147,483,648
 SAMPLED = [0, 1, 31, 62, 63]  # channel 63 of the last item starts beyond 2^31

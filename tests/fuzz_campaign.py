@@ -7,7 +7,7 @@ falls in warm-up, in a ramp or after it, 0-3 training steps then eval, and a ran
 output mask. The package's reference (in the input's dtype), the fused CPU kernels and the
 emulated CUDA kernels (tests/cuda_emulation.py) each run the case, and every output, gradient,
 running buffer and num_batches_tracked is compared with batchrenorm_cuda.reference run in
-float64 on the same values, under batchrenorm_cuda.testing.TOLERANCES.
+float64 on the same values, under batchrenorm_cuda._testing.TOLERANCES.
 
     python tests/fuzz_campaign.py --cases 5000 --jobs 2        # part of `make fuzz`
     python tests/fuzz_campaign.py --repro 1234                 # one case, with its details
@@ -35,7 +35,7 @@ import batchrenorm_cuda as brn  # noqa: E402
 from batchrenorm_cuda import reference  # noqa: E402
 from batchrenorm_cuda._ops import memory_format_of  # noqa: E402
 from batchrenorm_cuda.functional import _batch_renorm  # noqa: E402
-from batchrenorm_cuda.testing import DTYPES, fused_ops_namespace, tolerance  # noqa: E402
+from batchrenorm_cuda._testing import DTYPES, fused_ops_namespace, tolerance  # noqa: E402
 
 SIZES = (1, 1, 2, 3, 4, 5, 7, 8, 11, 13)
 CHANNELS = (1, 2, 3, 5, 7, 8, 13, 16, 17)

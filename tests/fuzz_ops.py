@@ -325,7 +325,7 @@ def expected(call: Call) -> Tuple[Any, Dict[str, torch.Tensor]]:
 
 
 def _tol(dtype, m):
-    from batchrenorm_cuda.testing import tolerance
+    from batchrenorm_cuda._testing import tolerance
 
     tol = tolerance(dtype)
     return tol["atol"] * 8 * max(m, 1) ** 0.5, tol["rtol"] * 8

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import batchrenorm_cuda as brn
-from batchrenorm_cuda.testing import TOLERANCES
+from batchrenorm_cuda._testing import TOLERANCES
 
 pytest.importorskip("sklearn")
 

@@ -113,3 +113,15 @@ def test_module_benchmark_runs_and_writes_its_results(tmp_path):
     assert {r["kind"] for r in rows} == {"norm", "block"}
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
     assert "1t eager geomean" in result["summary"]
+
+
+def test_whole_networks_train_eager():
+    # bench_modules.py --networks: every network's BatchRenorm variant really is converted and
+    # takes a finite training step (the timed step is exactly this callable).
+    networks = _load("networks")
+    for name in networks.NETWORKS:
+        steps = networks.training_steps(name, compiled=False)
+        for label, step in steps.items():
+            assert torch.isfinite(step()), (name, label)
+        model = steps["brn"].__defaults__[0]
+        assert any(isinstance(m, batchrenorm_cuda.modules._BatchRenorm) for m in model.modules())

@@ -69,7 +69,7 @@ def test_random_schedules_expose_a_shared_memory_race(emu):
 def test_kernels_on_emulated_devices_of_other_sizes(cuda_emulation, sms, ctas_per_sm, shape, kind):
     # 66 SMs: up to 132 CTAs per channel, more than 16 partials per shuffle tree; 2 SMs x 1: many
     # units per CTA.
-    from batchrenorm_cuda.testing import fused_ops_namespace
+    from batchrenorm_cuda._testing import fused_ops_namespace
 
     cuda_emulation.set_device(sms, ctas_per_sm)
     try:

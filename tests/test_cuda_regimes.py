@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import batchrenorm_cuda as brn
-from batchrenorm_cuda.testing import fused_ops_namespace
+from batchrenorm_cuda._testing import fused_ops_namespace
 
 import fused_cases
 

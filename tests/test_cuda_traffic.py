@@ -1,6 +1,6 @@
 """The work the CUDA kernels do, counted on the emulated H100 (issue 19): launches per op, and
 the global memory each op reads and writes where its tensors fit on chip
-(batchrenorm_cuda.testing: fits_on_chip, traffic_limit: the rule, written once, that
+(batchrenorm_cuda._testing: fits_on_chip, traffic_limit: the rule, written once, that
 benchmarks/gpu_model.py reports too).
 
 Every case runs under the in-order schedule only (the other emulated tests cover the schedules).
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from batchrenorm_cuda.testing import (RESNET50_SHAPES, RL_SHAPES, fits_on_chip, on_chip_bytes,
+from batchrenorm_cuda._testing import (RESNET50_SHAPES, RL_SHAPES, fits_on_chip, on_chip_bytes,
                                       traffic_limit)
 
 import cuda_emulation

@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.testing import DTYPES, fused_ops_namespace, make_params, tolerance
+from batchrenorm_cuda._testing import DTYPES, fused_ops_namespace, make_params, tolerance
 
 import fused_cases
 from fused_cases import buffer_tol as _buffer_tol

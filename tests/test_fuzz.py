@@ -52,3 +52,20 @@ def test_cases_cover_every_kind():
     assert any(c.momentum is None for c in cases) and any(not c.running for c in cases)
     assert any(not c.weight and not c.bias for c in cases) and any(c.eval for c in cases)
     assert any(1 in c.shape for c in cases) and any(13 in c.shape for c in cases)
+
+
+def test_sync_fuzz_slice_matches_the_float64_oracle(request):
+    # SyncBatchRenorm (tests/fuzz_sync.py; `make fuzz` runs 600 cases over world sizes 1-4):
+    # one process group of 3 gloo ranks for the whole slice, as starting one costs seconds.
+    import fuzz_sync
+
+    from sync_harness import job_backends
+
+    emulated = "cuda_emulated" in job_backends(request)
+    seeds = list(range(12))
+    problems = fuzz_sync.run_world(seeds, 3, emulated, timeout_s=300)
+    cases = [fuzz_sync.draw_case(s, 3) for s in seeds]
+    assert any(0 in c.rows for c in cases) and len({c.dtype for c in cases}) == 4
+    failures = [f"{found[0]}  [repro: python tests/fuzz_sync.py --repro {s} --world 3]"
+                for s, found in problems.items() if found]
+    assert not failures, "\n".join(failures)

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
 from batchrenorm_cuda.functional import _batch_renorm
-from batchrenorm_cuda.testing import tolerance
+from batchrenorm_cuda._testing import tolerance
 
 FLT_MAX = torch.finfo(torch.float32).max
 

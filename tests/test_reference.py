@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.testing import DTYPES, make_params, tolerance
+from batchrenorm_cuda._testing import DTYPES, make_params, tolerance
 
 
 def textbook(x, running_mean, running_var, weight, bias, eps, r_max, d_max, momentum, grad_out):

@@ -1,33 +1,24 @@
 """SyncBatchRenorm on torch.distributed (gloo, CPU): ranks holding unequal slices of one batch
-against ONE process running the reference Batch Renorm on the whole batch.
+against ONE process running the reference Batch Renorm on the whole batch, on every backend of
+the synchronised path: the reference passes, the fused CPU building blocks and the emulated CUDA
+ones (tests/sync_harness.py runs the processes).
 
-Starting a process costs seconds (importing torch), so the distributed scenarios run in two
-jobs, each started once per module: a pair (2 processes, the default group) and a trio
-(3 processes: the default group, a 2-rank subgroup [1, 2] and a 1-rank subgroup [0]). Every
-scenario records its result or its traceback per rank; the tests below check them one by one.
-Each job is bounded by a wall clock (the workers are killed and the tests fail rather than
-hang CI), and every collective by the process group's own timeout.
+The distributed scenarios run in two jobs, each started once per module: a pair (2 processes,
+the default group) and a trio (3 processes: the default group, a 2-rank subgroup [1, 2] and a
+1-rank subgroup [0]). tests/test_sync_ddp.py has DistributedDataParallel's features, the
+collectives per step and a non-finite rank; tests/test_sync_convert.py convert/revert.
 """
-import os
-import socket
-import time
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
 from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
-from batchrenorm_cuda import distributed as brn_dist
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.testing import make_params, tolerance
-
-JOB_TIMEOUT_S = 150
-COLLECTIVE_TIMEOUT_S = 30
+from batchrenorm_cuda._testing import make_params, tolerance
+from batchrenorm_cuda.functional import use_fused
+from sync_harness import (CollectiveCounter, backend_context, emulated_calls, job_backends,
+                          run_job, values)
 
 C, H, W = 3, 4, 5
 STEPS = 6
@@ -36,123 +27,12 @@ EPS = 1e-5
 # then ramping to their final values by step 3.
 SCHEDULE = dict(r_max=1.25, d_max=0.25, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
 
-BACKENDS = ["reference"] + (["fused"] if brn_dist.fused_blocks_available("cpu") else [])
 BACKEND_PARAMS = [
     "reference",
     pytest.param("fused", marks=pytest.mark.skipif(
-        "fused" not in BACKENDS,
-        reason="the fused CPU building blocks (batch_stats, normalize, backward_reduce, "
-               "backward_input) are not built")),
+        not brn.extension_available("cpu"), reason="the fused CPU kernels are not built")),
+    pytest.param("cuda_emulated", marks=pytest.mark.cuda_emulation),
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Process harness.
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class CollectiveCounter:
-    """Counts the collectives SyncBatchRenorm makes (it looks torch.distributed up at call
-    time, so patching the module's attributes sees every call)."""
-
-    NAMES = ("all_gather", "all_gather_into_tensor", "all_reduce")
-
-    def __init__(self):
-        self.counts = dict.fromkeys(self.NAMES, 0)
-        for name in self.NAMES:
-            original = getattr(dist, name)
-
-            def counted(*args, _name=name, _original=original, **kwargs):
-                self.counts[_name] += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counted)
-
-    def snapshot(self):
-        return dict(self.counts)
-
-
-def _entry(rank, world, port, outdir, job, args):
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        counter = CollectiveCounter()
-        for name, scenario, scenario_args in job(*args):
-            before = counter.snapshot()
-            try:
-                value = scenario(*scenario_args)
-                after = counter.snapshot()
-                results[name] = dict(ok=True, value=value,
-                                     collectives={k: after[k] - before[k] for k in after})
-            except Exception:
-                results[name] = dict(ok=False, error=traceback.format_exc())
-            # Saved as we go, so that a job killed on timeout still tells what went wrong.
-            torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _load_results(outdir, world):
-    per_rank = []
-    for rank in range(world):
-        path = os.path.join(outdir, f"rank{rank}.pt")
-        per_rank.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
-    return per_rank
-
-
-def _first_errors(outdir, world):
-    lines = []
-    for rank, results in enumerate(_load_results(outdir, world)):
-        done = list(results)
-        errors = [(n, r["error"]) for n, r in results.items() if not r["ok"]]
-        lines.append(f"rank {rank}: finished {done[-1] if done else 'no scenario'!r}"
-                     + (f"; first error in {errors[0][0]}:\n{errors[0][1]}" if errors else ""))
-    return "\n".join(lines)
-
-
-def run_job(job, world, outdir, *args):
-    """Run the scenarios job(*args) lists on `world` gloo ranks; {name: [result per rank]}."""
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), outdir, job, args),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    failure = None
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                failure = f"workers still running after {JOB_TIMEOUT_S} s (a collective hangs?)"
-                break
-    except mp.ProcessRaisedException as error:
-        failure = f"a worker raised:\n{error}"
-    except mp.ProcessExitedException as error:
-        failure = f"a worker died: {error}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    if failure is not None:
-        pytest.fail(f"{job.__name__}: {failure}\n{_first_errors(outdir, world)}")
-    per_rank = _load_results(outdir, world)
-    return {name: [res.get(name, dict(ok=False, error="did not run")) for res in per_rank]
-            for name in per_rank[0]}
-
-
-def values(results, name):
-    """The scenario's value on every rank that ran it; fails with the ranks' tracebacks."""
-    assert name in results, f"scenario {name} did not run"
-    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results[name])
-              if not res["ok"]]
-    if errors:
-        pytest.fail(f"scenario {name} raised\n" + "\n".join(errors))
-    return [res for res in results[name] if res["value"] is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,18 +89,20 @@ def _train(group, sizes, dtype, channels_last, options, backend):
     spatial = options.pop("spatial", (H, W))
     affine = options.get("affine", True)
     tracking = options.get("track_running_stats", True)
+    backend, context = backend_context(backend)
     layer = brn.SyncBatchRenorm(C, eps=EPS, **options, **SCHEDULE, process_group=group,
-                                dtype=reference.stat_dtype(dtype))
-    layer._backend = backend
+                                dtype=reference.stat_dtype(dtype), backend=backend)
     layer.load_state_dict(_initial_state(dtype, affine, tracking))
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     steps = []
+    calls = emulated_calls()
     for step in range(STEPS):
         x, grad = _global_batch(step, sum(sizes), dtype, spatial)
         x = x[lo:hi].contiguous(memory_format=memory_format).requires_grad_()
-        out = layer(x)
-        (out * grad[lo:hi]).sum().backward()
+        with context():
+            out = layer(x)
+            (out * grad[lo:hi]).sum().backward()
         steps.append(dict(
             out=out.detach(), grad_input=x.grad,
             out_channels_last=out.is_contiguous(memory_format=torch.channels_last),
@@ -228,12 +110,13 @@ def _train(group, sizes, dtype, channels_last, options, backend):
             grad_bias=layer.bias.grad.clone() if affine else None,
             buffers={k: v.clone() for k, v in layer.named_buffers()}))
         layer.zero_grad()
+    calls = {k: v - calls.get(k, 0) for k, v in emulated_calls().items()}
     layer.eval()
     x, _ = _global_batch(STEPS, sum(sizes), dtype, spatial)
-    with torch.no_grad():
+    with torch.no_grad(), context():
         eval_out = layer(x[lo:hi])
-    return dict(steps=steps, eval_out=eval_out,
-                used_fused=brn_dist._use_fused("cpu", layer._backend))
+    return dict(steps=steps, eval_out=eval_out, emulated_calls=calls,
+                used_fused=use_fused(x, layer.backend, "test"))
 
 
 def _oracle(sizes, dtype, options):
@@ -278,45 +161,6 @@ def _oracle(sizes, dtype, options):
             eval_x = _global_batch(STEPS, sum(sizes), dtype, spatial)[0]
             eval_out = reference.batch_renorm(eval_x, rm, rv, weight, bias, False)
     return steps, clipped_r, clipped_d, eval_out
-
-
-# ---------------------------------------------------------------------------------------------
-# DistributedDataParallel: one step of a small conv net.
-
-DDP_SIZES = [3, 5]
-DDP_RENORM = dict(momentum=0.1, r_max=1.1, d_max=0.1, warmup_steps=0, r_max_ramp_steps=0,
-                  d_max_ramp_steps=0)
-
-
-def _net(norm, dtype):
-    torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), norm(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3, padding=1), norm(5), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    ).to(dtype)
-
-
-def _ddp_batch(n, dtype):
-    g = torch.Generator().manual_seed(11)
-    return (torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64).to(dtype) * 2 + 1,
-            torch.randint(0, 3, (n,), generator=g))
-
-
-def _ddp_step(sizes, dtype):
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = _net(lambda c: brn.SyncBatchRenorm(c, **DDP_RENORM), dtype)
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
-    x, y = _ddp_batch(sum(sizes), dtype)
-    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    # DDP averages gradients over ranks: scale the local sum so that the average is the
-    # gradient of the mean loss over the whole batch.
-    loss = nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi], reduction="sum")
-    (loss * world / sum(sizes)).backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    opt.step()
-    return dict(grads=grads, state={k: v.clone() for k, v in model.state_dict().items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,8 +282,7 @@ def _train_name(case, backend):
 def pair_job(backends):
     scenarios = [(_train_name(case, backend), _train, (None,) + CASES[case][1:] + (backend,))
                  for backend in backends for case in CASES if CASES[case][0] == "pair"]
-    scenarios += [("ddp", _ddp_step, (DDP_SIZES, torch.float64)),
-                  ("mismatch", _mismatched_channels, ())]
+    scenarios += [("mismatch", _mismatched_channels, ())]
     return scenarios
 
 
@@ -463,13 +306,13 @@ def trio_job(backends):
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return run_job(pair_job, 2, str(tmp_path_factory.mktemp("pair")), BACKENDS)
+def pair(tmp_path_factory, request):
+    return run_job(pair_job, 2, str(tmp_path_factory.mktemp("pair")), job_backends(request))
 
 
 @pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    return run_job(trio_job, 3, str(tmp_path_factory.mktemp("trio")), BACKENDS)
+def trio(tmp_path_factory, request):
+    return run_job(trio_job, 3, str(tmp_path_factory.mktemp("trio")), job_backends(request))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,6 +321,8 @@ def trio(tmp_path_factory):
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_one_process_on_the_whole_batch(case, backend, request):
+    if backend == "cuda_emulated":
+        request.getfixturevalue("cuda_emulation")  # skips (or fails) when it is not built
     job, sizes, dtype, channels_last, options = CASES[case]
     results = values(request.getfixturevalue(job), _train_name(case, backend))
     assert len(results) == len(sizes)
@@ -488,7 +333,12 @@ def test_matches_one_process_on_the_whole_batch(case, backend, request):
     affine = options.get("affine", True)
     if tracking:
         assert clipped_r >= 2 and clipped_d >= 2, "the test data must make r and d clip"
-    assert all(v["used_fused"] == (backend == "fused") for v in got_by_rank)
+    assert all(v["used_fused"] == (backend != "reference") for v in got_by_rank)
+    blocks = ("batch_stats", "normalize", "backward_reduce", "backward_input")
+    for v, n in zip(got_by_rank, sizes):
+        # Each training step's building blocks ran on the emulator (an empty slice runs none).
+        calls = [v["emulated_calls"].get(op, 0) for op in blocks]
+        assert calls == [STEPS if backend == "cuda_emulated" and n > 0 else 0] * 4, calls
 
     for step, want in enumerate(expected):
         got = [v["steps"][step] for v in got_by_rank]
@@ -519,27 +369,6 @@ def test_matches_one_process_on_the_whole_batch(case, backend, request):
         # per backward, and nothing for eval.
         assert res["collectives"] == dict(all_gather=STEPS + 1, all_gather_into_tensor=0,
                                           all_reduce=STEPS)
-
-
-def test_ddp_step_matches_one_process(pair):
-    results = [res["value"] for res in values(pair, "ddp")]
-    dtype = torch.float64
-    model = _net(lambda c: brn.BatchRenorm2d(c, **DDP_RENORM), dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    x, y = _ddp_batch(sum(DDP_SIZES), dtype)
-    nn.functional.cross_entropy(model(x), y).backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    opt.step()
-    tol = tolerance(dtype)
-    for res in results:
-        for k, g in grads.items():
-            assert_close(res["grads"][k], g, **tol, msg=lambda m: f"grad of {k}: {m}")
-        for k, v in model.state_dict().items():
-            assert_close(res["state"][k], v, **tol, msg=lambda m: f"{k} after the step: {m}")
-        for k, v in results[0]["state"].items():
-            assert torch.equal(res["state"][k], v), f"{k} differs between ranks"
-    # The buffers moved: the batch's statistics are not the initial 0 and 1.
-    assert not torch.allclose(model[1].running_mean, torch.zeros(4, dtype=dtype))
 
 
 def test_channel_mismatch_raises_on_every_rank(pair):
@@ -600,62 +429,3 @@ def test_process_group_without_init_raises():
         layer(torch.randn(4, C, 2, 2))
     layer.eval()  # eval never synchronises, so it needs no group
     assert layer(torch.randn(4, C, 2, 2)).shape == (4, C, 2, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# convert_batchnorm / revert_batchnorm.
-
-def _bn_model():
-    return nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(),
-                         nn.Sequential(nn.BatchNorm1d(4), nn.SyncBatchNorm(4, eps=1e-3)),
-                         nn.BatchNorm3d(4))
-
-
-def _norms(model):
-    return [model[1], model[3][0], model[3][1], model[4]]
-
-
-def test_convert_sync_and_revert():
-    group = object()
-    model = _bn_model()
-    model[1].running_mean.fill_(0.5)
-    converted = brn.convert_batchnorm(model, sync=True, process_group=group, r_max=2.0)
-    for layer in _norms(converted):
-        assert type(layer) is brn.SyncBatchRenorm
-        assert layer.process_group is group and layer.r_max == 2.0
-    assert converted[1].momentum == 0.3 and converted[3][1].eps == 1e-3
-    assert converted[1].running_mean is model[1].running_mean
-    assert torch.all(converted[1].running_mean == 0.5)
-
-    reverted = brn.revert_batchnorm(converted)
-    for layer in _norms(reverted):
-        assert type(layer) is nn.SyncBatchNorm and layer.process_group is group
-    assert reverted[1].weight is model[1].weight
-
-
-def test_convert_without_sync_keeps_plain_layers_plain():
-    own_group = object()
-    model = _bn_model()
-    model[3][1].process_group = own_group
-    converted = brn.convert_batchnorm(model)
-    assert [type(m) for m in _norms(converted)] == \
-        [brn.BatchRenorm2d, brn.BatchRenorm1d, brn.SyncBatchRenorm, brn.BatchRenorm3d]
-    # nn.SyncBatchNorm was already synchronised: it stays so, with its own group.
-    assert converted[3][1].process_group is own_group
-
-    reverted = brn.revert_batchnorm(converted)
-    assert [type(m) for m in _norms(reverted)] == \
-        [nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm, nn.BatchNorm3d]
-    assert reverted[3][1].process_group is own_group
-    synced = brn.revert_batchnorm(brn.convert_batchnorm(_bn_model()), sync=True)
-    assert all(type(m) is nn.SyncBatchNorm for m in _norms(synced))
-
-
-def test_state_dict_moves_between_sync_and_plain():
-    sync = brn.SyncBatchRenorm(C, momentum=0.1, **SCHEDULE)
-    sync.running_mean.fill_(0.25)
-    sync.num_batches_tracked.fill_(7)
-    plain = brn.BatchRenorm2d(C, **SCHEDULE)
-    plain.load_state_dict(sync.state_dict())
-    assert torch.equal(plain.running_mean, sync.running_mean)
-    assert sync.clip_bounds() == plain.clip_bounds() == (SCHEDULE["r_max"], SCHEDULE["d_max"])

@@ -149,7 +149,7 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 
 def time_case(row):
-    from batchrenorm_cuda.testing import make_params
+    from batchrenorm_cuda._testing import make_params
 
     dtype = getattr(torch, row["dtype"])
     shape = tuple(row["shape"])

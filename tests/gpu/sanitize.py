@@ -10,7 +10,7 @@ import sys
 import torch
 
 import batchrenorm_cuda as brn
-from batchrenorm_cuda.testing import make_params
+from batchrenorm_cuda._testing import make_params
 
 ops = torch.ops.batchrenorm
 DEV = "cuda"

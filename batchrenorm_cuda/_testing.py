@@ -1,4 +1,5 @@
-"""Shapes, dtypes and tolerances shared by the tests and the benchmarks (one source of truth)."""
+"""Test-only helpers (private: not part of the API). Shapes, dtypes and tolerances shared by the
+tests and the benchmarks (one source of truth), and the op-namespace switch of the emulated runs."""
 from __future__ import annotations
 
 import contextlib
