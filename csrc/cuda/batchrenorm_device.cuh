@@ -281,6 +281,15 @@ __device__ __forceinline__ GradCoeffs<acc_t> grad_channel(const GradParams& p, i
   return {mean, k, a, -k * mean_dy - a * residue};
 }
 
+// The instantiation of a kernel family (a struct whose get<V, NHWC>() returns one) for a plan's
+// vector width (16 bytes' worth, or 1) and layout.
+template <typename T, typename Family>
+auto pick_instance(int vec, bool nhwc) -> decltype(Family::template get<1, false>()) {
+  constexpr int V = vec_width<T>();
+  if (nhwc) return vec == V ? Family::template get<V, true>() : Family::template get<1, true>();
+  return vec == V ? Family::template get<V, false>() : Family::template get<1, false>();
+}
+
 // The per-regime launchers (batchrenorm_onchip.cu, batchrenorm_streaming.cu), explicitly
 // instantiated for float, double, __half and __nv_bfloat16, and the occupancy of their kernels
 // (CTAs of kThreads per SM, with `shared_bytes` of dynamic shared memory) for the planner.

@@ -476,47 +476,45 @@ struct Kernels {
       return onchip_stats_kernel<T, V, NHWC>;
     }
   }
-  static Fn pick(int vec, bool nhwc) {
-    constexpr int V = vec_width<T>();
-    if (nhwc) return vec == V ? get<V, true>() : get<1, true>();
-    return vec == V ? get<V, false>() : get<1, false>();
-  }
+  static Fn pick(int vec, bool nhwc) { return pick_instance<T, Kernels>(vec, nhwc); }
 };
+
+template <typename T, bool Grad, typename Params>
+cudaError_t launch_params(const Params& p, const LaunchPlan& plan, void* workspace) {
+  Params params = p;
+  LaunchPlan pl = plan;
+  void* args[] = {&params, &pl, &workspace};
+  return launch(Kernels<T, Grad>::pick(plan.vec, p.layout.channels_last), plan, args, p.stream);
+}
+
+// Kernels above the default 48 KiB of dynamic shared memory must opt in first, also for the
+// occupancy query.
+template <typename Kernel>
+cudaError_t occupancy_of(Kernel kernel, size_t shared_bytes, int* per_sm) {
+  if (shared_bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kThreads, shared_bytes);
+}
 
 }  // namespace
 
 template <typename T>
 cudaError_t launch_onchip_stats(const StatsParams& p, const LaunchPlan& plan, void* workspace) {
-  StatsParams params = p;
-  LaunchPlan pl = plan;
-  void* args[] = {&params, &pl, &workspace};
-  return launch(Kernels<T, false>::pick(plan.vec, p.layout.channels_last), plan, args, p.stream);
+  return launch_params<T, false>(p, plan, workspace);
 }
 
 template <typename T>
 cudaError_t launch_onchip_grad(const GradParams& p, const LaunchPlan& plan, void* workspace) {
-  GradParams params = p;
-  LaunchPlan pl = plan;
-  void* args[] = {&params, &pl, &workspace};
-  return launch(Kernels<T, true>::pick(plan.vec, p.layout.channels_last), plan, args, p.stream);
+  return launch_params<T, true>(p, plan, workspace);
 }
 
 template <typename T>
 cudaError_t onchip_occupancy(bool grad, int vec, bool nhwc, size_t shared_bytes, int* per_sm) {
-  if (shared_bytes > 48 * 1024) {
-    const cudaError_t err =
-        grad ? cudaFuncSetAttribute(Kernels<T, true>::pick(vec, nhwc),
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(shared_bytes))
-             : cudaFuncSetAttribute(Kernels<T, false>::pick(vec, nhwc),
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(shared_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  return grad ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                    per_sm, Kernels<T, true>::pick(vec, nhwc), kThreads, shared_bytes)
-              : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                    per_sm, Kernels<T, false>::pick(vec, nhwc), kThreads, shared_bytes);
+  return grad ? occupancy_of(Kernels<T, true>::pick(vec, nhwc), shared_bytes, per_sm)
+              : occupancy_of(Kernels<T, false>::pick(vec, nhwc), shared_bytes, per_sm);
 }
 
 #define BRN_INSTANTIATE_ONCHIP(T)                                                            \

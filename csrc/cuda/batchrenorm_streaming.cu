@@ -480,11 +480,7 @@ struct Kernels {
       return welford_kernel<T, V, NHWC>;
     }
   }
-  static Fn pick(int vec, bool nhwc) {
-    constexpr int V = vec_width<T>();
-    if (nhwc) return vec == V ? get<V, true>() : get<1, true>();
-    return vec == V ? get<V, false>() : get<1, false>();
-  }
+  static Fn pick(int vec, bool nhwc) { return pick_instance<T, Kernels>(vec, nhwc); }
 };
 
 template <typename T, bool Grad, typename Params>
