@@ -140,7 +140,8 @@ def load(verbose: bool = False):
         name="batchrenorm_emulated_cuda",
         sources=[os.path.join(EMU, "batchrenorm_emulated.cpp")],
         extra_include_paths=[CSRC, EMU, cuda_include()],
-        extra_cflags=["-O2", "-std=c++17"],
+        # No -std: cpp_extension adds the one torch's headers need (C++20 from torch 2.14).
+        extra_cflags=["-O2"],
         extra_ldflags=["-L" + out_dir, "-lbatchrenorm_cuda_emulation",
                        "-Wl,--enable-new-dtags,-rpath," + out_dir],
         build_directory=out_dir,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import torch
+from torch_build import torch_cxx_standard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -33,7 +34,7 @@ def build_asan() -> str:
         return lib
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     # -O0: a third of the compile time of -O1, and the calls are small.
-    flags = ["-std=c++17", "-O0", "-g", "-fPIC", "-fopenmp", "-fno-omit-frame-pointer",
+    flags = ["-std=" + torch_cxx_standard(), "-O0", "-g", "-fPIC", "-fopenmp", "-fno-omit-frame-pointer",
              "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
              f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-I" + os.path.join(ROOT, "csrc"),
              "-I" + sysconfig.get_paths()["include"]]
