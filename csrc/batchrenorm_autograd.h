@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -92,6 +93,31 @@ inline std::vector<int64_t> channel_shape(const Tensor& x) {
   return shape;
 }
 
+// The batch statistics in ATen ops with the kernels' numerics (batchrenorm.h, the CUDA kernels'
+// shift): gathered on x - shift, shift each channel's first value (a constant for autograd), so
+// a channel with |mean| >> std keeps its centred values exact and its mean beyond float
+// precision; and the non-finite policy, an unusable channel (mean or variance not finite) gets
+// a NaN invstd, so its output and gradients are NaN. Differentiable in x, for the composite
+// paths below.
+struct CompositeStats {
+  Tensor centred;  // x - mean, in the statistics dtype
+  Tensor invstd;   // keepdim, NaN where the statistics are unusable
+};
+
+inline CompositeStats composite_stats(const Tensor& x, double eps) {
+  const auto dims = reduce_dims(x);
+  Tensor first = x.detach().select(0, 0);
+  while (first.dim() > 1) first = first.select(1, 0);
+  const Tensor shifted = x - first.view(channel_shape(x));
+  const Tensor centred = shifted - shifted.mean(dims, /*keepdim=*/true);
+  const Tensor var = centred.square().mean(dims, /*keepdim=*/true);
+  const Tensor usable = at::isfinite(shifted.mean(dims, /*keepdim=*/true)) & at::isfinite(var);
+  const Tensor invstd = at::where(usable, at::rsqrt(var + eps),
+                                  at::full({}, std::numeric_limits<double>::quiet_NaN(),
+                                           var.options()));
+  return {centred, invstd};
+}
+
 inline std::array<Tensor, 3> composite_train_backward(const Tensor& dy, const Tensor& input,
                                                       const Tensor& weight, const Tensor& r,
                                                       const Tensor& d, double eps,
@@ -100,8 +126,7 @@ inline std::array<Tensor, 3> composite_train_backward(const Tensor& dy, const Te
   const Tensor x = input.to(sdt), gy = dy.to(sdt);
   const auto dims = reduce_dims(x);
   const auto shape = channel_shape(x);
-  const Tensor centred = x - x.mean(dims, /*keepdim=*/true);
-  const Tensor invstd = at::rsqrt(centred.square().mean(dims, /*keepdim=*/true) + eps);
+  const auto [centred, invstd] = composite_stats(x, eps);
   const Tensor xhat = centred * invstd;
   const Tensor sum_dy = gy.sum(dims);
   const Tensor sum_dy_xhat = (gy * xhat).sum(dims);
@@ -161,15 +186,13 @@ inline Tensor affine(Tensor y, const OptTensor& weight, const OptTensor& bias,
   return y;
 }
 
-// The training output with r and d as constants, from the input: as the reference computes it.
+// The training output with r and d as constants, from the input, with the kernels' numerics.
 inline Tensor composite_train_output(const Tensor& input, const OptTensor& weight,
                                      const OptTensor& bias, const Tensor& r, const Tensor& d,
                                      double eps) {
   const Tensor x = input.to(stat_type(input));
-  const auto dims = reduce_dims(x);
   const auto shape = channel_shape(x);
-  const Tensor centred = x - x.mean(dims, /*keepdim=*/true);
-  const Tensor invstd = at::rsqrt(centred.square().mean(dims, /*keepdim=*/true) + eps);
+  const auto [centred, invstd] = composite_stats(x, eps);
   const Tensor y = centred * invstd * r.view(shape) + d.view(shape);
   return affine(y, weight, bias, shape).to(input.scalar_type());
 }
