@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include "cuda/batchrenorm_device.cuh"
 
@@ -88,11 +89,37 @@ cudaError_t device_info(DeviceInfo* out) {
   return cudaSuccess;
 }
 
-// Co-resident CTAs of a kernel configuration on the current device, cached per device.
+// Which kernel instantiation an occupancy query is about: each has its own registers.
+struct KernelKey {
+  int dtype;  // DType
+  bool streaming, grad, nhwc;
+  int vec;
+  bool operator<(const KernelKey& o) const {
+    return std::tie(dtype, streaming, grad, nhwc, vec) <
+           std::tie(o.dtype, o.streaming, o.grad, o.nhwc, o.vec);
+  }
+};
+
+template <typename T>
+constexpr DType dtype_of() {
+  return std::is_same<T, float>::value    ? DType::kFloat32
+         : std::is_same<T, double>::value ? DType::kFloat64
+         : std::is_same<T, __half>::value ? DType::kFloat16
+                                          : DType::kBFloat16;
+}
+
+template <typename T>
+KernelKey kernel_key(bool streaming, bool grad, int vec, bool nhwc) {
+  return {static_cast<int>(dtype_of<T>()), streaming, grad, nhwc, vec};
+}
+
+// Co-resident CTAs of a kernel instantiation with `shared_bytes` of dynamic shared memory on
+// the current device, cached per device.
 template <typename Query>
-cudaError_t resident_ctas(int key, size_t shared_bytes, Query&& query, int64_t* out) {
+cudaError_t resident_ctas(const KernelKey& key, size_t shared_bytes, Query&& query,
+                          int64_t* out) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, int, size_t>, int64_t> cache;
+  static std::map<std::tuple<int, KernelKey, size_t>, int64_t> cache;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -229,7 +256,7 @@ cudaError_t plan_onchip(const Layout& L, int vec, bool grad, const DeviceInfo& d
     int64_t co_resident = 0;
     const size_t shared = persistent.shared_bytes;
     const cudaError_t err = resident_ctas(
-        (grad ? 1 : 0) + 2 * vec + 64 * (nhwc ? 1 : 0), shared,
+        kernel_key<T>(false, grad, vec, nhwc), shared,
         [&](int* per_sm) { return onchip_occupancy<T>(grad, vec, nhwc, shared, per_sm); },
         &co_resident);
     if (err != cudaSuccess) return err;
@@ -251,7 +278,7 @@ cudaError_t plan_streaming(const Layout& L, int vec, bool grad, LaunchPlan* plan
   const bool nhwc = L.channels_last;
   int64_t max_grid = 0;
   cudaError_t err = resident_ctas(
-      100 + (grad ? 1 : 0) + 2 * vec + 64 * (nhwc ? 1 : 0), 0,
+      kernel_key<T>(true, grad, vec, nhwc), 0,
       [&](int* per_sm) { return streaming_occupancy<T>(grad, vec, nhwc, per_sm); }, &max_grid);
   if (err != cudaSuccess) return err;
   if (max_grid < 1) return cudaErrorCooperativeLaunchTooLarge;
