@@ -35,7 +35,7 @@ from torch import Tensor
 from . import _ops, reference
 from ._ops import memory_format_of
 from .functional import _INPUT_DTYPES, _check_buffers_given, _check_per_channel, use_fused
-from .modules import _BatchRenorm
+from .modules import _BatchRenorm, _in_float32
 from .reference import stat_dtype
 
 if TYPE_CHECKING:
@@ -338,9 +338,13 @@ class SyncBatchRenorm(_BatchRenorm):
             raise TypeError(f"{caller}: input must be float32, float64, float16 or bfloat16, "
                             f"got {input.dtype}")
         sdt = stat_dtype(input.dtype)
-        for name in ("running_mean", "running_var", "weight", "bias"):
-            _check_per_channel(caller, name, getattr(self, name), input, sdt)
-        _check_buffers_given(caller, self.running_mean, self.running_var, True)
+        # Half or bfloat16 parameters and buffers (model.half()) compute in float32, as in
+        # the single-process layer; float32 ones are checked against the input as they are.
+        weight, bias, running_mean, running_var, store_back = _in_float32(self)
+        for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
+                             ("weight", weight), ("bias", bias)):
+            _check_per_channel(caller, name, tensor, input, sdt)
+        _check_buffers_given(caller, running_mean, running_var, True)
         if dist.get_backend(group) == "nccl" and input.device.type != "cuda":
             raise ValueError(f"{caller}: the process group uses NCCL, which needs CUDA tensors; "
                              f"got input on {input.device}")
@@ -350,12 +354,14 @@ class SyncBatchRenorm(_BatchRenorm):
             self._agreed_key = key
 
         tracking = self.track_running_stats
-        return SyncBatchRenormFunction.apply(
-            input, self.weight, self.bias,
-            self.running_mean if tracking else None, self.running_var if tracking else None,
+        output = SyncBatchRenormFunction.apply(
+            input, weight, bias, running_mean if tracking else None,
+            running_var if tracking else None,
             self.num_batches_tracked if tracking else None, self.momentum, self.eps,
             self.r_max, self.d_max, self.warmup_steps, self.r_max_ramp_steps,
             self.d_max_ramp_steps, group, world_size, use_fused(input, self.backend, caller))
+        store_back()
+        return output
 
 
 def _full_signature() -> inspect.Signature:

@@ -68,37 +68,44 @@ def _module_forward(module: "_BatchRenorm", input: Tensor) -> Tensor:
     records one call taking the module (the checks branch on the input's shape, which a tracer
     cannot follow), and the traced graph still reads the module's training flag when it runs."""
     caller = type(module).__name__
-    weight, bias = module.weight, module.bias
-    running_mean, running_var = module.running_mean, module.running_var
     momentum, eps, r_max, d_max = module.momentum, module.eps, module.r_max, module.d_max
     backend = module.backend
     _check_module_input(caller, module._expected_ranks, module._shape_name, module.num_features,
                         input)
-    low = ((weight is not None and weight.dtype in _LOW_PRECISION)
-           or (running_mean is not None and running_mean.dtype in _LOW_PRECISION))
-    if low:
-        # Low-precision parameters and buffers (model.half()): compute with float32 copies,
-        # as ATen and cuDNN do, and store the buffers back. The casts are differentiable, so
-        # the half parameters get their gradients.
-        stored = (running_mean, running_var)
-        weight, bias, running_mean, running_var = (
-            None if t is None else t.float() for t in (weight, bias, running_mean, running_var))
+    weight, bias, running_mean, running_var, store_back = _in_float32(module)
     if module.training and module.track_running_stats:
         output = _batch_renorm(
             input, running_mean, running_var, weight, bias, True, momentum, eps, r_max, d_max,
             num_batches_tracked=module.num_batches_tracked, warmup_steps=module.warmup_steps,
             r_max_ramp_steps=module.r_max_ramp_steps, d_max_ramp_steps=module.d_max_ramp_steps,
             backend=backend, caller=caller)
-        if low and stored[0] is not None:
-            with torch.no_grad():
-                stored[0].copy_(running_mean)
-                stored[1].copy_(running_var)
+        store_back()
         return output
     # As nn.BatchNorm: without running statistics, normalise with the batch's own in eval too;
     # with them, eval is plain inference.
     use_batch_stats = running_mean is None
     return _batch_renorm(input, running_mean, running_var, weight, bias, use_batch_stats,
                          momentum, eps, r_max, d_max, backend=backend, caller=caller)
+
+
+def _in_float32(module: "_BatchRenorm"):
+    """(weight, bias, running_mean, running_var, store_back) to compute with. Low-precision
+    parameters and buffers (model.half()) are replaced by float32 copies, as ATen and cuDNN
+    compute with, and store_back() writes the updated buffers back into the module's own; the
+    casts are differentiable, so the half parameters get their gradients. Otherwise the
+    module's own tensors, and store_back does nothing."""
+    tensors = (module.weight, module.bias, module.running_mean, module.running_var)
+    if not any(t is not None and t.dtype in _LOW_PRECISION for t in tensors):
+        return (*tensors, lambda: None)
+    copies = tuple(None if t is None else t.float() for t in tensors)
+
+    def store_back() -> None:
+        if tensors[2] is not None:
+            with torch.no_grad():
+                tensors[2].copy_(copies[2])
+                tensors[3].copy_(copies[3])
+
+    return (*copies, store_back)
 
 
 def _check_module_input(caller: str, ranks, shape_name: str, num_features: int,

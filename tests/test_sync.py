@@ -260,6 +260,32 @@ def _not_a_member(group):
     return "no error"
 
 
+def _half_parameters():
+    """model.half(): half parameters and buffers compute in float32 over the group, as the
+    single-process layer does. Against the same layer with float32 copies of the same values:
+    the output and input gradient are identical, the parameter gradients and buffers are its
+    own rounded to half."""
+    half = brn.SyncBatchRenorm(C, momentum=0.1, **SCHEDULE).half()
+    full = brn.SyncBatchRenorm(C, momentum=0.1, **SCHEDULE)
+    full.load_state_dict({k: v.float() if v.is_floating_point() else v
+                          for k, v in half.state_dict().items()})
+    gen = torch.Generator().manual_seed(11 + dist.get_rank())
+    x = (torch.randn(3, C, H, W, generator=gen) * 2 + 1).half()
+    grad = torch.randn(3, C, H, W, generator=gen).half()
+    xh, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_h, out_f = half(xh), full(xf)
+    (out_h * grad).sum().backward()
+    (out_f * grad).sum().backward()
+    assert out_h.dtype == torch.float16 and torch.equal(out_h, out_f)
+    assert torch.equal(xh.grad, xf.grad)
+    for (name, p_h), p_f in zip(half.named_parameters(), full.parameters()):
+        assert p_h.grad.dtype == torch.float16 and torch.equal(p_h.grad, p_f.grad.half()), name
+    for (name, b_h), b_f in zip(half.named_buffers(), full.buffers()):
+        assert torch.equal(b_h, b_f.to(b_h.dtype)), name
+    assert half.running_mean.dtype == torch.float16 and int(half.num_batches_tracked) == 1
+    return True
+
+
 def _destroyed_group(group):
     """Run last: a layer whose group was destroyed raises a clear error, no hang, no silent
     fallback."""
@@ -282,7 +308,8 @@ def _train_name(case, backend):
 def pair_job(backends):
     scenarios = [(_train_name(case, backend), _train, (None,) + CASES[case][1:] + (backend,))
                  for backend in backends for case in CASES if CASES[case][0] == "pair"]
-    scenarios += [("mismatch", _mismatched_channels, ())]
+    scenarios += [("mismatch", _mismatched_channels, ()),
+                  ("half-parameters", _half_parameters, ())]
     return scenarios
 
 
@@ -377,6 +404,14 @@ def test_channel_mismatch_raises_on_every_rank(pair):
     for message in messages:
         assert "disagree on the number of channels" in message, message
         assert "rank 0: C=4" in message and "rank 1: C=5" in message, message
+
+
+def test_half_parameters_compute_in_float32(pair):
+    results = values(pair, "half-parameters")
+    assert len(results) == 2
+    for res in results:
+        assert res["value"] is True, res["value"]
+        assert res["collectives"]["all_reduce"] == 2  # both layers synchronised their backward
 
 
 def test_one_rank_group_is_batchrenorm(trio):
