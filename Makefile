@@ -1,9 +1,13 @@
 # make test   set up .venv, build the extension, run the whole suite (the emulated CUDA
-#             kernels included, and their AddressSanitizer run)
+#             kernels included, and their AddressSanitizer run; the RL libraries too, for the
+#             peers' check and the CrossQ smoke run)
 # make test-cuda-emulation   build the emulated CUDA kernels and run only their tests
 # make bench  set up .venv, build, run the benchmark on the default device (CUDA if present),
 #             then the module-level one (CPU: BatchRenormNd vs nn.BatchNormNd, 1 and 2 threads),
 #             then gpu-model
+# make rl     CrossQ (sb3-contrib) on Pendulum-v1 and HalfCheetah-v5 with its own BatchRenorm
+#             and with ours swapped in: returns and time per gradient step
+#             (benchmarks/results/crossq.*; about 30 minutes on 2 cores)
 # make gpu-model  the CUDA kernels' work counted on the emulated H100 and priced with public
 #             H100 figures against ATen's native kernels: modelled, not measured
 #             (benchmarks/results/gpu_model_h100.*; 5-10 minutes on 2 cores)
@@ -35,8 +39,8 @@ SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
 # torch wheels are kept in $(HOME)/.cache/batchrenorm_cuda/wheels (WHEELHOUSE=... to move it).
 VENVS      ?= .venvs
 
-.PHONY: test test-cuda-emulation bench gpu-model accuracy fuzz build venv clean system-deps \
-        test-install test-torch gpu-build
+.PHONY: test test-cuda-emulation bench gpu-model accuracy rl fuzz build venv clean system-deps \
+        rl-deps test-install test-torch gpu-build
 
 # Boost.Fiber runs the emulated CUDA threads (tests/cuda_emulation.py); installed when missing.
 system-deps:
@@ -54,12 +58,23 @@ $(READY):
 	$(PY) -m pip install -q "setuptools>=77" ninja pybind11 pytest pytest-xdist hypothesis matplotlib tqdm numpy scikit-learn onnx
 	touch $@
 
+# What our RL users run, for make rl and for the peers in bench_modules.py: sb3-contrib's and
+# torchrl's own BatchRenorm1d, gymnasium with the headless MuJoCo wheel. Pinned, so the peers
+# measured are the ones named in the results; torch itself is never replaced.
+RL_SPEC    ?= sb3-contrib==2.9.2 stable-baselines3==2.9.2 gymnasium[mujoco]==1.4.0 torchrl==0.14.1
+RL_READY   := $(VENV)/.ready-rl
+rl-deps: $(RL_READY)
+$(RL_READY): $(READY)
+	$(PY) -m pip install -q $(RL_SPEC)
+	$(PY) -c "import torch, sb3_contrib, torchrl, gymnasium, mujoco; print('rl deps: torch', torch.__version__)"
+	touch $@
+
 build: $(VENV)/.built
 $(VENV)/.built: $(READY) $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: build system-deps
+test: build system-deps rl-deps
 	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-cuda-emulation: build system-deps
@@ -73,7 +88,7 @@ fuzz: build system-deps
 	$(PY) tests/fuzz_ops.py --asan --calls 12000
 	$(PY) tests/fuzz_big.py
 
-bench: build system-deps
+bench: build system-deps rl-deps
 	$(PY) benchmarks/bench_batchrenorm.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_modules.py $(BENCH_MODULES_ARGS)
 	$(MAKE) gpu-model
@@ -83,6 +98,9 @@ gpu-model: build system-deps
 
 accuracy: build
 	$(PY) benchmarks/accuracy.py $(ACCURACY_ARGS)
+
+rl: build rl-deps
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(PY) benchmarks/crossq_sb3.py $(RL_ARGS)
 
 test-install:
 	VENVS=$(VENVS) PYTHON=$(PYTHON) bash tests/install/test_install.sh

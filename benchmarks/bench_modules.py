@@ -7,6 +7,11 @@ channels_last layers at N <= 16. Each alone ("norm") and in a block (Linear or C
 ReLU), eager and under torch.compile. Warm-up off (the bounds are the final ones), as in issue
 11's measurements; the step counter still advances.
 
+The peers (benchmarks/peers.py: sb3-contrib's and torchrl's BatchRenorm1d, when importable) are
+timed with ours and nn.BatchNorm1d in the same interleaved rounds at the RL shapes, the layer
+alone, eager and compiled, each past its warm-up so that it does its full renorm work; their
+versions are in the JSON's "peers" (a peer that does not import is listed in "peers_skipped").
+
     python benchmarks/bench_modules.py [--threads 1,2] [--quick] [--no-compile] [--no-networks]
                                        [--networks-only] [--out PATH]
 
@@ -35,6 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import networks  # noqa: E402
+import peers  # noqa: E402
 
 import batchrenorm_cuda as brn  # noqa: E402
 
@@ -79,7 +85,7 @@ def _input(shape, layout: str) -> torch.Tensor:
     return x.requires_grad_()
 
 
-def run_case(name, shape, layout, kind, compiled: bool, cfg) -> Dict[str, object]:
+def run_case(name, shape, layout, kind, compiled: bool, cfg, peer_names=()) -> Dict[str, object]:
     renorm, bn = _models(shape, kind)
     if layout == "channels_last":
         renorm, bn = (m.to(memory_format=torch.channels_last) for m in (renorm, bn))
@@ -92,10 +98,20 @@ def run_case(name, shape, layout, kind, compiled: bool, cfg) -> Dict[str, object
     for label, model in (("brn", renorm), ("bn", bn)):
         fn = torch.compile(model, fullgraph=True) if compiled else model
         entries[label] = ((lambda fn=fn: fn(x)), [x, *model.parameters()], nullcontext)
-    grad = torch.randn_like(renorm(x))
-    timings = harness.measure_many(entries, grad, "fwd+bwd", cfg)
     row = dict(case=name, shape=list(shape), layout=layout, kind=kind,
                mode="compiled" if compiled else "eager")
+    # The peers: the 2-D layer alone, in its renorm phase (peers.bench_module).
+    for label in (peer_names if kind == "norm" and len(shape) == 2 else ()):
+        try:
+            model = peers.bench_module(label, shape[1])
+            fn = model
+            if compiled:
+                fn, row[f"{label}_fullgraph"] = peers.compile_module(model, x)
+            entries[label] = ((lambda fn=fn: fn(x)), [x, *model.parameters()], nullcontext)
+        except Exception as error:  # noqa: BLE001 - a peer must not lose the case
+            row[f"{label}_error"] = repr(error)
+    grad = torch.randn_like(renorm(x))
+    timings = harness.measure_many(entries, grad, "fwd+bwd", cfg)
     for label, t in timings.items():
         if "error" in t:
             row[f"{label}_error"] = t["error"]
@@ -109,6 +125,11 @@ def run_case(name, shape, layout, kind, compiled: bool, cfg) -> Dict[str, object
         # cancels that. ratio_of_medians is the plain brn_ms / bn_ms.
         row["ratio"] = harness.paired_ratio(timings["brn"], timings["bn"])
         row["ratio_of_medians"] = row["brn_ms"] / row["bn_ms"]
+    for label in peer_names:
+        if f"{label}_ms" in row and "bn_ms" in row:  # peer / nn.BatchNorm1d, peer / ours
+            row[f"{label}_ratio"] = harness.paired_ratio(timings[label], timings["bn"])
+            if "brn_ms" in row:
+                row[f"{label}_vs_brn"] = harness.paired_ratio(timings[label], timings["brn"])
     return row
 
 
@@ -145,6 +166,8 @@ def work(quick: bool, compile_: bool):
             yield name, shape, layout, kind, False
         if compile_ and name in COMPILED and not quick:
             yield name, shape, layout, "block", True
+        if compile_ and len(shape) == 2 and not quick:  # the layer alone, with the peers
+            yield name, shape, layout, "norm", True
 
 
 def summary(rows: List[Dict[str, object]]) -> Dict[str, float]:
@@ -158,24 +181,40 @@ def summary(rows: List[Dict[str, object]]) -> Dict[str, float]:
                 if ratios:
                     out[f"{threads}t {mode}{label} geomean"] = harness.geomean(ratios)
                     out[f"{threads}t {mode}{label} worst"] = max(ratios)
+            # The RL layers alone, each implementation / nn.BatchNorm1d (peers where present).
+            rl = [r for r in rows if r["threads"] == threads and r["mode"] == mode
+                  and r["kind"] == "norm" and len(r["shape"]) == 2]
+            for impl, key in [("brn", "ratio")] + [(p, f"{p}_ratio") for p in peers.PEERS]:
+                ratios = [r[key] for r in rl if key in r]
+                if ratios:
+                    out[f"{threads}t {mode} rl norm {impl}/bn geomean"] = harness.geomean(ratios)
     return out
 
 
 def markdown(result) -> str:
-    lines = ["| threads | case | layout | kind | mode | brn ms | bn ms | brn / bn |",
-             "|---|---|---|---|---|---|---|---|"]
+    names = list(result.get("peers", {}))
+    lines = ["| threads | case | layout | kind | mode | brn ms | bn ms | brn / bn |"
+             + "".join(f" {p} / bn |" for p in names),
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
     for r in result["rows"]:
         ratio = (f"{r['ratio']:.2f}" if "ratio" in r
                  else r.get("error", r.get("brn_error", r.get("bn_error"))))
+        cells = "".join(
+            f" {r[f'{p}_ratio']:.2f}{'' if r.get(f'{p}_fullgraph', True) else ' (graph break)'} |"
+            if f"{p}_ratio" in r else f" {'error' if f'{p}_error' in r else ''} |"
+            for p in names)
         lines.append(f"| {r['threads']} | {r['case']} | {r['layout']} | {r['kind']} | "
                      f"{r['mode']} | {r.get('brn_ms', float('nan')):.3f} | "
-                     f"{r.get('bn_ms', float('nan')):.3f} | {ratio} |")
+                     f"{r.get('bn_ms', float('nan')):.3f} | {ratio} |{cells}")
     lines += ["", "| summary | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in result["summary"].items()]
     env = result["environment"]
     lines += ["", f"{env['device']}, torch {env['torch']}, csrc tree {env['csrc_tree']} "
               f"(uncommitted csrc edits: {env['csrc_dirty']}, diff {env['csrc_diff_sha1']}), "
               f"load average {result['loadavg_start']} -> {result['loadavg_end']}"]
+    lines += [f"\n{p}: {v['class']} {v['version']} ({v['settings']})"
+              for p, v in result.get("peers", {}).items()]
+    lines += [f"\n{p}: skipped, {why}" for p, why in result.get("peers_skipped", {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +228,13 @@ def plot(result, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
     ax.barh(range(len(rows)), [r["ratio"] for r in rows],
             color=["tab:orange" if r["mode"] == "compiled" else "tab:blue" for r in rows])
+    for p, marker in zip(result.get("peers", {}), "x^sv"):
+        at = [(i, r[f"{p}_ratio"]) for i, r in enumerate(rows) if f"{p}_ratio" in r]
+        if at:
+            ax.scatter([v for _, v in at], [i for i, _ in at], marker=marker, color="k", s=14,
+                       zorder=3, label=f"{p} / nn.BatchNorm")
+    if result.get("peers"):
+        ax.legend(fontsize=6, loc="lower right")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
     ax.invert_yaxis()
@@ -214,8 +260,14 @@ def main(argv=None):
     device = torch.device("cpu")
     cfg = harness.TimerConfig(rep_ms=args.rep_ms, min_reps=args.min_reps)
     previous = torch.get_num_threads()
+    found, skipped = peers.available()
+    for name, why in skipped.items():
+        print(f"peer {name} skipped: {why}", flush=True)
     result = dict(environment=harness.environment(device), loadavg_start=harness.loadavg(),
-                  rows=[])
+                  peers={name: {"class": info["qualname"], "version": info["version"],
+                                "settings": peers.bench_settings(name)}
+                         for name, info in found.items()},
+                  peers_skipped=skipped, rows=[])
     try:
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
@@ -226,14 +278,17 @@ def main(argv=None):
             for name, shape, layout, kind, compiled in cases:
                 try:
                     row = (run_network(name, compiled, cfg) if kind == "network"
-                           else run_case(name, shape, layout, kind, compiled, cfg))
+                           else run_case(name, shape, layout, kind, compiled, cfg,
+                                         tuple(found)))
                 except Exception as error:  # noqa: BLE001 - one case must not lose the run
                     row = dict(case=name, shape=list(shape or ()), layout=layout, kind=kind,
                                mode="compiled" if compiled else "eager", error=repr(error))
                 row["threads"] = threads
                 result["rows"].append(row)
                 print(f"{threads}t {name:22s} {layout:13s} {kind:7s} "
-                      f"{row['mode']:8s} {row.get('ratio', float('nan')):.2f}", flush=True)
+                      f"{row['mode']:8s} {row.get('ratio', float('nan')):.2f}"
+                      + "".join(f"  {p} {row[f'{p}_ratio']:.2f}" for p in found
+                                if f"{p}_ratio" in row), flush=True)
     finally:
         torch.set_num_threads(previous)
     result["loadavg_end"] = harness.loadavg()
