@@ -34,8 +34,10 @@ from torch import Tensor
 
 from . import _ops, reference
 from ._ops import memory_format_of
-from .functional import _INPUT_DTYPES, _check_buffers_given, _check_per_channel, use_fused
-from .modules import _BatchRenorm, _in_float32
+from ._common import (check_buffers_given, check_input_dtype, check_per_channel, in_float32,
+                      use_fused)
+# The base class, as torch's nn.SyncBatchNorm derives from nn.modules.batchnorm._BatchNorm.
+from .modules import _BatchRenorm
 from .reference import stat_dtype
 
 if TYPE_CHECKING:
@@ -192,7 +194,7 @@ class SyncBatchRenormFunction(torch.autograd.Function):
             # whole batch (BatchRenorm raises, which would need a host read here) would make
             # it 0/0: mark the statistics non-finite so that the buffers are kept.
             update_mean = torch.where(total > 1, mean, torch.full_like(mean, float("nan")))
-            reference._update_running(update_mean, var, total, running_mean, running_var,
+            reference.update_running(update_mean, var, total, running_mean, running_var,
                                       num_batches_tracked, momentum)
         else:
             r = torch.ones_like(mean)
@@ -334,17 +336,15 @@ class SyncBatchRenorm(_BatchRenorm):
     @torch.compiler.disable
     def _synchronised_forward(self, input: Tensor, group: ProcessGroup, world_size: int) -> Tensor:
         caller = type(self).__name__
-        if input.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"{caller}: input must be float32, float64, float16 or bfloat16, "
-                            f"got {input.dtype}")
+        check_input_dtype(caller, input)
         sdt = stat_dtype(input.dtype)
         # Half or bfloat16 parameters and buffers (model.half()) compute in float32, as in
         # the single-process layer; float32 ones are checked against the input as they are.
-        weight, bias, running_mean, running_var, store_back = _in_float32(self)
+        weight, bias, running_mean, running_var, store_back = in_float32(self)
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
                              ("weight", weight), ("bias", bias)):
-            _check_per_channel(caller, name, tensor, input, sdt)
-        _check_buffers_given(caller, running_mean, running_var, True)
+            check_per_channel(caller, name, tensor, input, sdt)
+        check_buffers_given(caller, running_mean, running_var, True)
         if dist.get_backend(group) == "nccl" and input.device.type != "cuda":
             raise ValueError(f"{caller}: the process group uses NCCL, which needs CUDA tensors; "
                              f"got input on {input.device}")

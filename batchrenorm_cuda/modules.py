@@ -16,10 +16,10 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import reference
-from .functional import _BACKENDS, _batch_renorm, check_hyperparameters
+from ._common import check_backend, check_hyperparameters, in_float32
+from .functional import batch_renorm_scheduled
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 _ARGS_DOC = """
     Args:
@@ -72,9 +72,9 @@ def _module_forward(module: "_BatchRenorm", input: Tensor) -> Tensor:
     backend = module.backend
     _check_module_input(caller, module._expected_ranks, module._shape_name, module.num_features,
                         input)
-    weight, bias, running_mean, running_var, store_back = _in_float32(module)
+    weight, bias, running_mean, running_var, store_back = in_float32(module)
     if module.training and module.track_running_stats:
-        output = _batch_renorm(
+        output = batch_renorm_scheduled(
             input, running_mean, running_var, weight, bias, True, momentum, eps, r_max, d_max,
             num_batches_tracked=module.num_batches_tracked, warmup_steps=module.warmup_steps,
             r_max_ramp_steps=module.r_max_ramp_steps, d_max_ramp_steps=module.d_max_ramp_steps,
@@ -84,28 +84,8 @@ def _module_forward(module: "_BatchRenorm", input: Tensor) -> Tensor:
     # As nn.BatchNorm: without running statistics, normalise with the batch's own in eval too;
     # with them, eval is plain inference.
     use_batch_stats = running_mean is None
-    return _batch_renorm(input, running_mean, running_var, weight, bias, use_batch_stats,
+    return batch_renorm_scheduled(input, running_mean, running_var, weight, bias, use_batch_stats,
                          momentum, eps, r_max, d_max, backend=backend, caller=caller)
-
-
-def _in_float32(module: "_BatchRenorm"):
-    """(weight, bias, running_mean, running_var, store_back) to compute with. Low-precision
-    parameters and buffers (model.half()) are replaced by float32 copies, as ATen and cuDNN
-    compute with, and store_back() writes the updated buffers back into the module's own; the
-    casts are differentiable, so the half parameters get their gradients. Otherwise the
-    module's own tensors, and store_back does nothing."""
-    tensors = (module.weight, module.bias, module.running_mean, module.running_var)
-    if not any(t is not None and t.dtype in _LOW_PRECISION for t in tensors):
-        return (*tensors, lambda: None)
-    copies = tuple(None if t is None else t.float() for t in tensors)
-
-    def store_back() -> None:
-        if tensors[2] is not None:
-            with torch.no_grad():
-                tensors[2].copy_(copies[2])
-                tensors[3].copy_(copies[3])
-
-    return (*copies, store_back)
 
 
 def _check_module_input(caller: str, ranks, shape_name: str, num_features: int,
@@ -160,8 +140,7 @@ class _BatchRenorm(_NormBase):
         for arg, value in (("warmup_steps", warmup_steps), ("r_max_ramp_steps", r_max_ramp_steps),
                            ("d_max_ramp_steps", d_max_ramp_steps)):
             _check_step_count(name, arg, value)
-        if backend not in _BACKENDS:
-            raise ValueError(f"{name}: backend must be one of {_BACKENDS}, got {backend!r}")
+        check_backend(name, backend)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
             # Set here rather than passed on: _NormBase takes bias= only from torch 2.6 on.

@@ -129,13 +129,13 @@ def batch_renorm(
             r = torch.clamp(sigma_b.detach() / sigma, 1.0 / rmax, rmax)
             d = torch.clamp(((mean.detach() - running_mean) + residue) / sigma, -dmax, dmax)
         y = y * r.view(shape) + d.view(shape)
-        _update_running(mean.detach(), var.detach(), count, running_mean, running_var,
+        update_running(mean.detach(), var.detach(), count, running_mean, running_var,
                         num_batches_tracked, momentum)
     return _affine(y, weight, bias, shape).to(input.dtype)
 
 
 @torch.no_grad()
-def _update_running(mean, var, count, running_mean, running_var, num_batches_tracked, momentum):
+def update_running(mean, var, count, running_mean, running_var, num_batches_tracked, momentum):
     if momentum is None:
         # Cumulative average, as nn.BatchNorm's momentum=None: factor 1 / (steps so far + 1).
         factor = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)

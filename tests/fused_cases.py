@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.functional import _batch_renorm
+from batchrenorm_cuda.functional import batch_renorm_scheduled as _batch_renorm
 from batchrenorm_cuda._testing import make_params, tolerance
 
 # A schedule that is active from the second step on, so r and d really are clipped.

@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 import batchrenorm_cuda as brn  # noqa: E402
 from batchrenorm_cuda import reference  # noqa: E402
 from batchrenorm_cuda._ops import memory_format_of  # noqa: E402
-from batchrenorm_cuda.functional import _batch_renorm  # noqa: E402
+from batchrenorm_cuda.functional import batch_renorm_scheduled as _batch_renorm  # noqa: E402
 from batchrenorm_cuda._testing import DTYPES, fused_ops_namespace, tolerance  # noqa: E402
 
 SIZES = (1, 1, 2, 3, 4, 5, 7, 8, 11, 13)

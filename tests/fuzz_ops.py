@@ -225,7 +225,7 @@ def expected(call: Call) -> Tuple[Any, Dict[str, torch.Tensor]]:
     """(outputs, in-place tensors after the call) of a correct op, or raises if the arguments
     have no meaning (then the op must raise too)."""
     from batchrenorm_cuda import reference
-    from batchrenorm_cuda.functional import check_arguments
+    from batchrenorm_cuda._common import check_arguments
 
     if call.args.get("input") is None:
         raise TypeError("input is None")

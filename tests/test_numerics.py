@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda.functional import _batch_renorm
+from batchrenorm_cuda.functional import batch_renorm_scheduled as _batch_renorm
 from batchrenorm_cuda._testing import tolerance
 
 FLT_MAX = torch.finfo(torch.float32).max

@@ -76,7 +76,7 @@ def test_infinite_bounds_during_warmup_are_batchnorm(backend):
     assert [float(b) for b in reference.clip_bounds(step, math.inf, math.inf, 2, 3, 3)] == [1, 0]
     x = torch.randn(4, 3, 5)
     rm, rv = torch.full((3,), 2.0), torch.full((3,), 9.0)
-    y = brn.functional._batch_renorm(x, rm, rv, None, None, True, 0.1, 1e-5, math.inf,
+    y = brn.functional.batch_renorm_scheduled(x, rm, rv, None, None, True, 0.1, 1e-5, math.inf,
                                      math.inf, step, 2, 3, 3, backend=backend)
     assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
 
@@ -90,7 +90,7 @@ def test_counter_and_warmup_at_the_int64_limits(step, warmup):
     for backend in ("fused", "reference"):
         rm, rv = torch.zeros(3), torch.ones(3)
         nbt = torch.tensor(step)
-        y = brn.functional._batch_renorm(x, rm, rv, None, None, True, None, 1e-5, 2.0, 1.0,
+        y = brn.functional.batch_renorm_scheduled(x, rm, rv, None, None, True, None, 1e-5, 2.0, 1.0,
                                          nbt, warmup, 5, 5, backend=backend)
         outs.append((y, rm, rv))
     for a, b in zip(*outs):

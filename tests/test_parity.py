@@ -111,7 +111,7 @@ def test_vmap_over_an_ensemble_matches_each_member(backend, shared_input, counte
     def member(x, w, b, rm, rv, nbt):
         return brn.batch_renorm(x, rm, rv, w, b, training=True, momentum=0.1, backend=backend,
                                 **BOUNDS) if nbt is None else \
-            brn.functional._batch_renorm(x, rm, rv, w, b, True, 0.1, 1e-5, BOUNDS["r_max"],
+            brn.functional.batch_renorm_scheduled(x, rm, rv, w, b, True, 0.1, 1e-5, BOUNDS["r_max"],
                                          BOUNDS["d_max"], num_batches_tracked=nbt,
                                          backend=backend, **schedule)
 

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
 from batchrenorm_cuda._testing import make_params, tolerance
-from batchrenorm_cuda.functional import use_fused
+from batchrenorm_cuda._common import use_fused
 from sync_harness import (CollectiveCounter, backend_context, emulated_calls, job_backends,
                           run_job, values)
 
