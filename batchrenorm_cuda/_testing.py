@@ -59,7 +59,32 @@ def traffic_limit(tensor_bytes: int, channels: int, stat_bytes: int = 4) -> floa
 
 
 def tolerance(dtype: torch.dtype) -> Dict[str, float]:
+    """Outputs and input gradients of an input of `dtype`."""
     return TOLERANCES[dtype]
+
+
+def grad_tolerance(dtype: torch.dtype, m: int) -> Dict[str, float]:
+    """grad_weight and grad_bias: sums over the m values of a channel, whose rounding error
+    grows like sqrt(m) (a random walk), with 4x headroom."""
+    tol = TOLERANCES[dtype]
+    return dict(atol=tol["atol"] * 4 * max(m, 1) ** 0.5, rtol=tol["rtol"] * 4)
+
+
+def buffer_tolerance(dtype: torch.dtype) -> Dict[str, float]:
+    """running_mean and running_var (float32, or float64 for float64 input): one moving-average
+    update of statistics accumulated in that precision."""
+    tight = 1e-12 if stat_dtype(dtype) == torch.float64 else 1e-5
+    return dict(atol=tight, rtol=tight)
+
+
+def mismatch(got: torch.Tensor, want: torch.Tensor, **tol: float) -> Optional[str]:
+    """torch.testing.assert_close's verdict as a message, or None when they agree (NaN where
+    NaN is expected counts as agreement): for campaigns that collect every failure."""
+    try:
+        torch.testing.assert_close(got.double(), want.double(), equal_nan=True, **tol)
+    except AssertionError as error:
+        return " ".join(str(error).split())
+    return None
 
 
 def make_params(channels: int, input_dtype: torch.dtype, device="cpu",

@@ -8,7 +8,8 @@ from torch.testing import assert_close
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
 from batchrenorm_cuda.functional import batch_renorm_scheduled as _batch_renorm
-from batchrenorm_cuda._testing import make_params, tolerance
+from batchrenorm_cuda._testing import (buffer_tolerance, grad_tolerance, make_params,
+                                       tolerance)
 
 # A schedule that is active from the second step on, so r and d really are clipped.
 SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
@@ -30,14 +31,11 @@ def layout(shape, kind, device):
 
 
 def grad_tol(dtype, x):
-    # Parameter grads are sums over the m values of a channel: the tolerance grows with m.
-    tol = tolerance(dtype)
-    m = x.numel() // x.shape[1]
-    return dict(atol=tol["atol"] * max(m, 1) ** 0.5 * 4, rtol=tol["rtol"] * 4)
+    return grad_tolerance(dtype, x.numel() // x.shape[1])
 
 
 def buffer_tol(dtype):
-    return dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    return buffer_tolerance(dtype)
 
 
 class State:

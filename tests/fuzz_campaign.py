@@ -35,7 +35,8 @@ import batchrenorm_cuda as brn  # noqa: E402
 from batchrenorm_cuda import reference  # noqa: E402
 from batchrenorm_cuda._ops import memory_format_of  # noqa: E402
 from batchrenorm_cuda.functional import batch_renorm_scheduled as _batch_renorm  # noqa: E402
-from batchrenorm_cuda._testing import DTYPES, fused_ops_namespace, tolerance  # noqa: E402
+from batchrenorm_cuda._testing import (DTYPES, buffer_tolerance, fused_ops_namespace,  # noqa: E402
+                                       grad_tolerance, mismatch, tolerance)
 
 SIZES = (1, 1, 2, 3, 4, 5, 7, 8, 11, 13)
 CHANNELS = (1, 2, 3, 5, 7, 8, 13, 16, 17)
@@ -253,21 +254,6 @@ def run_backend(case: Case, backend: str, params: Params, x: torch.Tensor, dy: t
     return y.detach(), grads
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> Optional[str]:
-    a, b = a.double(), b.double()
-    if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    bad = ~((a - b).abs() <= atol + rtol * b.abs())
-    bad &= ~(a.isnan() & b.isnan())
-    bad &= ~((a == b) & a.isinf())
-    if bool(bad.any()):
-        i = int(bad.reshape(-1).nonzero()[0])
-        return (f"{int(bad.sum())}/{a.numel()} differ, first at flat index {i}: "
-                f"{a.reshape(-1)[i].item():.9g} vs oracle {b.reshape(-1)[i].item():.9g} "
-                f"(atol {atol:.3g}, rtol {rtol:.3g})")
-    return None
-
-
 def _dx_scale(x64: torch.Tensor, oracle: Params, case: Case, training: bool) -> float:
     # dx = weight * r * invstd * (...): its rounding error grows with that per-channel scale.
     dims = (0,) + tuple(range(2, x64.dim()))
@@ -287,7 +273,6 @@ def run_case(case: Case, emulated: bool) -> List[str]:
     states = {b: Params(case, base, sdt) for b in backends}
     oracle = Params(case, base, torch.float64)
     tol = tolerance(dtype)
-    buffer_tol = 1e-12 if dtype == torch.float64 else 1e-5
     problems = []
     modes = [True] * case.steps + ([False] if case.eval else [])
     for step, training in enumerate(modes):
@@ -300,7 +285,7 @@ def run_case(case: Case, emulated: bool) -> List[str]:
         dx_scale = _dx_scale(x64, oracle, case, training)
         y_o, grads_o = oracle_step(case, oracle, x64, g64, training)
         m = x.numel() // x.shape[1]
-        grad_atol = dict(atol=tol["atol"] * max(m, 1) ** 0.5 * 4, rtol=tol["rtol"] * 4)
+        grad_tol = grad_tolerance(dtype, m)
         for b in backends:
             where = f"{b} step {step} ({'train' if training else 'eval'})"
             try:
@@ -314,20 +299,21 @@ def run_case(case: Case, emulated: bool) -> List[str]:
             if b != "reference" and case.layout in ("contiguous", "channels_last"):
                 if not y.is_contiguous(memory_format=memory_format_of(x)):
                     problems.append(f"{where} output layout {y.stride()} for input {x.stride()}")
-            checks = [("output", y, y_o, tol["atol"], tol["rtol"]),
-                      ("grad_input", grads[0], grads_o[0], tol["atol"] * dx_scale, tol["rtol"]),
-                      ("grad_weight", grads[1], grads_o[1], grad_atol["atol"], grad_atol["rtol"]),
-                      ("grad_bias", grads[2], grads_o[2], grad_atol["atol"], grad_atol["rtol"])]
+            checks = [("output", y, y_o, tol),
+                      ("grad_input", grads[0], grads_o[0],
+                       dict(tol, atol=tol["atol"] * dx_scale)),
+                      ("grad_weight", grads[1], grads_o[1], grad_tol),
+                      ("grad_bias", grads[2], grads_o[2], grad_tol)]
             st = states[b]
             for name in ("running_mean", "running_var"):
                 if getattr(st, name) is not None:
-                    checks.append((name, getattr(st, name), getattr(oracle, name), buffer_tol,
-                                   buffer_tol))
-            for name, got, want, atol, rtol in checks:
+                    checks.append((name, getattr(st, name), getattr(oracle, name),
+                                   buffer_tolerance(dtype)))
+            for name, got, want, tol_of in checks:
                 if (got is None) != (want is None):
                     problems.append(f"{where} {name}: {'missing' if got is None else 'unexpected'}")
                 elif got is not None:
-                    err = _close(got, want, atol, rtol)
+                    err = mismatch(got, want, **tol_of)
                     if err:
                         problems.append(f"{where} {name}: {err}")
             if st.num_batches_tracked is not None and not torch.equal(
