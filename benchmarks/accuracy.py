@@ -9,12 +9,18 @@ each setting against its own i.i.d. control with the same model, data, budget an
   signals100  a procedural 1-D signal task, 100 class templates (accuracy_tasks.make_signals),
               a 1-D ResNet with 12 normalisation layers;
               settings iid, micro4, micro2 (statistics per group of 4 or 2 examples, the
-              gradient over all 32, the paper's microbatches);
+              gradient over all 32, the paper's microbatches) and classes4x8 (4 classes x 8
+              examples per batch);
   tabular100  scikit-learn's make_classification, 100 classes, 64 features
               (accuracy_tasks.make_tabular), a residual MLP with 9 normalisation layers on
               (32, 256) activations;
               settings iid, classes16x2 (16 classes x 2 examples per batch, the paper's
-              non-i.i.d. batches) and classes4x8 (4 classes x 8, the harsher variant).
+              non-i.i.d. batches), classes4x8 (4 classes x 8, the harsher variant) and
+              micro8 (microbatches of 8; groups of 2 would leave every feature at +-1).
+
+Each setting runs nn.BatchNorm1d and BatchRenorm1d with the modules' defaults ("bn", "brn")
+and the candidate defaults ("brn_<name>", VARIANTS), the rule between which is in
+benchmarks/NOTES.md and in the report.
 
 Every run is evaluated on the test set with the population statistics (model.eval(), as a
 deployed model runs) during training and at the end; at the end also with batch statistics
@@ -22,13 +28,15 @@ deployed model runs) during training and at the end; at the end also with batch 
 batches of 32 and on test batches built like the setting's training batches. The gap between
 the two is the train/inference mismatch the paper names as BatchNorm's failure.
 
-    python benchmarks/accuracy.py            # the full run (make accuracy), ~12 min on 2 cores
+    python benchmarks/accuracy.py            # the full run (make accuracy), < 30 min on 2 cores
     python benchmarks/accuracy.py --smoke    # seconds, written to a temporary folder
+    python benchmarks/accuracy.py --report-only   # the outputs again from accuracy_curves.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import multiprocessing as mp
@@ -46,9 +54,9 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import accuracy_report  # noqa: E402
 import accuracy_tasks as tasks  # noqa: E402
+import batchrenorm_cuda as brn  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-LAYERS = ("bn", "brn")
 BATCH = tasks.BATCH
 
 # Fixed before any Batch Renorm run (from BatchNorm-only pilots that checked that BatchNorm
@@ -57,41 +65,58 @@ EXPERIMENTS: Dict[str, dict] = {
     "signals100": dict(
         label="Signals-100, 1-D ResNet (12 normalisation layers)",
         steps=1200, model="resnet1d",
-        settings={"iid": {}, "micro4": dict(group=4), "micro2": dict(group=2)}),
+        settings={"iid": {}, "micro4": dict(group=4), "micro2": dict(group=2),
+                  "classes4x8": dict(classes_per_batch=4)}),
     "tabular100": dict(
         label="make_classification-100, residual MLP (9 normalisation layers)",
         steps=1000, model="residual_mlp",
         settings={"iid": {}, "classes16x2": dict(classes_per_batch=16),
-                  "classes4x8": dict(classes_per_batch=4)}),
+                  "classes4x8": dict(classes_per_batch=4), "micro8": dict(group=8)}),
 }
 SETTING_LABELS = {
     "iid": "batch 32, i.i.d.",
     "micro4": "microbatches of 4",
     "micro2": "microbatches of 2",
+    "micro8": "microbatches of 8",
     "classes16x2": "non-i.i.d., 16 classes x 2",
     "classes4x8": "non-i.i.d., 4 classes x 8",
 }
 LOADERS = {"signals100": tasks.make_signals, "tabular100": tasks.make_tabular}
 
-# One moving-average rate for both layers: 0.01 averages over ~100 updates, short next to
-# every run here (>= 1000 steps, up to 16 updates per step), and smooth enough that the
-# population statistics are not themselves the noise being measured.
-MOMENTUM = 0.01
+# The layers compared. "bn" and "brn" are nn.BatchNorm1d and BatchRenorm1d with the modules'
+# own defaults (read from their signatures when the experiment runs); each "brn_<name>" is a
+# candidate default that overrides what it names (benchmarks/NOTES.md, issue 20, has the rule
+# that chose between them, written before they ran). A candidate equal to the defaults is the
+# same run as "brn": it runs once and is reported under both names.
+# "brn"'s schedule is brn.schedule_for(steps) with its defaults; the candidates name theirs in full
+# (warmup_windows 0: the paper's fractions alone), so that each keeps its meaning when a default
+# changes.
+VARIANTS: Dict[str, dict] = {
+    "bn": dict(layer="bn"),
+    "brn": dict(layer="brn"),
+    # Round 1: the paper's rate and nn.BatchNorm's, the schedule scaled to the run.
+    "brn_momentum0.01": dict(layer="brn", momentum=0.01, warmup_windows=0),
+    "brn_momentum0.1": dict(layer="brn", momentum=0.1, warmup_windows=0),
+    # Round 2: the warm-up spans >= 3 averaging windows (3 / momentum steps), ramps after it.
+    "brn_warmup3w": dict(layer="brn", momentum=0.01, warmup_windows=3),
+    "brn_warmup3w_noramp": dict(layer="brn", momentum=0.01, warmup_windows=3, ramps=False),
+}
+CANDIDATES = tuple(v for v in VARIANTS if v.startswith("brn_"))
 R_MAX, D_MAX = 3.0, 5.0
-# The paper's schedule (warm-up 5k steps, r_max 1 -> 3 reached at 40k, d_max 0 -> 5 at 25k)
-# laid over a 100k-step reference and scaled to the run: fractions of the step budget.
-WARMUP_FRAC, R_MAX_AT_FRAC, D_MAX_AT_FRAC = 0.05, 0.40, 0.25
 OPTIM = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)  # cosine decay to 0
 
 FULL = dict(seeds=(0, 1, 2, 3, 4), evals=10, steps=None)
 SMOKE = dict(seeds=(0,), evals=2, steps=20)
 
 
-def schedule_for(steps: int) -> Dict[str, int]:
-    warmup = int(round(WARMUP_FRAC * steps))
-    return dict(warmup_steps=warmup,
-                r_max_ramp_steps=int(round(R_MAX_AT_FRAC * steps)) - warmup,
-                d_max_ramp_steps=int(round(D_MAX_AT_FRAC * steps)) - warmup)
+def schedule_for(steps: int, momentum: Optional[float], warmup_windows: float,
+                 ramps: bool = True) -> Dict[str, int]:
+    """brn.schedule_for (the paper's schedule scaled to the run, the warm-up >= warmup_windows
+    averaging windows); ramps=False switches the final bounds on when the warm-up ends."""
+    schedule = brn.schedule_for(steps, momentum, warmup_windows)
+    if not ramps:
+        schedule.update(r_max_ramp_steps=0, d_max_ramp_steps=0)
+    return schedule
 
 
 _DATA_CACHE: Dict[str, tuple] = {}
@@ -103,11 +128,49 @@ def data_of(dataset: str):
     return _DATA_CACHE[dataset]
 
 
-def make_model(dataset: str, layer: str, setting: str, steps: int,
-               momentum: float = MOMENTUM) -> nn.Module:
-    exp = EXPERIMENTS[dataset]
-    norm = tasks.NormFactory(layer, exp["settings"][setting].get("group"), momentum,
-                             dict(r_max=R_MAX, d_max=D_MAX, **schedule_for(steps)))
+def default_momentum(layer: str) -> Optional[float]:
+    module = nn.BatchNorm1d if layer == "bn" else brn.BatchRenorm1d
+    return inspect.signature(module).parameters["momentum"].default
+
+
+def configuration(variant: str) -> dict:
+    """What a variant runs: its layer and every argument the experiment sets."""
+    v = VARIANTS[variant]
+    config = dict(layer=v["layer"], momentum=v.get("momentum", default_momentum(v["layer"])))
+    if v["layer"] == "bn":
+        return config
+    windows = inspect.signature(brn.schedule_for).parameters["warmup_windows"].default
+    return dict(config, warmup_windows=v.get("warmup_windows", windows),
+                ramps=v.get("ramps", True))
+
+
+def schedule_of(variant: str, steps: int) -> Dict[str, int]:
+    c = configuration(variant)  # a Batch Renorm variant
+    return schedule_for(steps, c["momentum"], c["warmup_windows"], c["ramps"])
+
+
+def schedules_of(steps: Dict[str, int], variants: Sequence[str]) -> dict:
+    """The meta's schedule (the defaults', which the plots mark) and every variant's."""
+    return dict(schedule={d: schedule_of("brn", n) for d, n in steps.items()},
+                schedules={v: {d: schedule_of(v, n) for d, n in steps.items()}
+                           for v in variants if v != "bn"})
+
+
+def runs_of(variants: Sequence[str]) -> Dict[str, List[str]]:
+    """{variant that runs: [every variant it stands for]}: one run per distinct configuration."""
+    runs: Dict[str, List[str]] = {}
+    for v in variants:
+        same = next((r for r in runs if configuration(r) == configuration(v)), None)
+        runs.setdefault(same or v, []).append(v)
+    return runs
+
+
+def make_model(dataset: str, variant: str, setting: str, steps: int) -> nn.Module:
+    exp, config = EXPERIMENTS[dataset], configuration(variant)
+    renorm = ({} if config["layer"] == "bn" else
+              dict(r_max=R_MAX, d_max=D_MAX, **schedule_of(variant, steps)))
+    norm = tasks.NormFactory(config["layer"], exp["settings"][setting].get("group"),
+                             config["momentum"], renorm)
     x_tr, y_tr, _, _ = data_of(dataset)
     classes = int(y_tr.max()) + 1
     if exp["model"] == "resnet1d":
@@ -156,7 +219,7 @@ def train_one(task: dict) -> dict:
     # Initialisation and batch order depend on the seed only, so BatchNorm and Batch Renorm
     # start from the same weights and see the same batches.
     torch.manual_seed(seed)
-    model = make_model(dataset, layer, setting, steps, task["momentum"])
+    model = make_model(dataset, layer, setting, steps)
     idx = torch.as_tensor(tasks.batch_indices(y_tr.numpy(), steps, seed, cpb))
     opt = torch.optim.SGD(model.parameters(), **OPTIM)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -217,11 +280,17 @@ def run_tasks(todo: List[dict], jobs: int, progress: bool = True) -> List[dict]:
                 done(r)
     if bar is not None:
         bar.close()
-    datasets = list(EXPERIMENTS)
+    return results
+
+
+def expand(results: List[dict], runs: Dict[str, List[str]]) -> List[dict]:
+    """Every run's record under each variant name it stands for, in table order."""
+    out = [dict(r, layer=name, ran_as=r["layer"]) for r in results for name in runs[r["layer"]]]
+    datasets, variants = list(EXPERIMENTS), list(VARIANTS)
     key = lambda r: (datasets.index(r["dataset"]),
                      list(EXPERIMENTS[r["dataset"]]["settings"]).index(r["setting"]),
-                     LAYERS.index(r["layer"]), r["seed"])
-    return sorted(results, key=key)
+                     variants.index(r["layer"]), r["seed"])
+    return sorted(out, key=key)
 
 
 # -------------------------------------------------------------------------------- outputs
@@ -231,8 +300,8 @@ def nested(results: List[dict], field: str) -> dict:
     """{dataset: {setting: {layer: [per seed]}}} of one per-run figure, in run order."""
     out: dict = {}
     for r in results:
-        out.setdefault(r["dataset"], {}).setdefault(r["setting"], {l: [] for l in LAYERS})
-        out[r["dataset"]][r["setting"]][r["layer"]].append(round(r[field], 6))
+        out.setdefault(r["dataset"], {}).setdefault(r["setting"], {}).setdefault(
+            r["layer"], []).append(round(r[field], 6))
     return out
 
 
@@ -248,7 +317,7 @@ def curves_of(results: List[dict]) -> dict:
 
 def backend_in_use() -> str:
     try:
-        from batchrenorm_cuda.functional import use_fused
+        from batchrenorm_cuda._common import use_fused
         x = torch.randn(4, 2, 3)
         return "fused (CPU kernel)" if use_fused(x, "auto", "accuracy") else "reference"
     except Exception as e:  # the experiment does not depend on it; record what happened
@@ -266,16 +335,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--settings", nargs="+", default=None,
                    help="a subset of the settings (default: every setting of each data set)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--momentum", type=float, default=MOMENTUM,
-                   help=f"both layers' moving-average rate (default {MOMENTUM}; the committed "
-                        "results use the default)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="the layers to run (default: all; the report needs bn and brn)")
     p.add_argument("--steps", type=int, default=None, help="override every data set's steps")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="worker processes, one thread each (default: min(2, cores))")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rewrite the outputs in --out-dir from its "
+                        "accuracy_curves.json, with brn taken from the run that has the "
+                        "modules' current defaults")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
+    if args.report_only:
+        return report_again(args.out_dir or RESULTS_DIR, args)
     cfg = SMOKE if args.smoke else FULL
     seeds = tuple(args.seeds) if args.seeds else cfg["seeds"]
     steps = {d: args.steps or cfg["steps"] or EXPERIMENTS[d]["steps"] for d in args.datasets}
@@ -289,28 +363,32 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     unknown = set(args.settings or ()) - known
     if unknown:
         p.error(f"--settings: unknown {sorted(unknown)} for data sets {args.datasets}")
-    todo = [dict(dataset=d, setting=s, layer=l, seed=seed, steps=steps[d], evals=cfg["evals"],
-                 momentum=args.momentum)
-            for d in args.datasets for s in settings[d] for seed in seeds for l in LAYERS]
+    runs = runs_of(args.variants)
+    todo = [dict(dataset=d, setting=s, layer=l, seed=seed, steps=steps[d], evals=cfg["evals"])
+            for d in args.datasets for s in settings[d] for seed in seeds for l in runs]
     # Longest runs first, so that the pool's last worker does not finish alone.
     cost = {"signals100": 3.0, "tabular100": 1.0}
     todo.sort(key=lambda t: -t["steps"] * cost[t["dataset"]])
     for d in args.datasets:  # build the data once in the parent; forked workers inherit it
         data_of(d)
     t0 = time.perf_counter()
-    results = run_tasks(todo, args.jobs, progress=not args.quiet)
+    ran = run_tasks(todo, args.jobs, progress=not args.quiet)
     wall = time.perf_counter() - t0
+    results = expand(ran, runs)
 
     table = nested(results, "final")
     meta = dict(
         paper="Ioffe 2017, Batch Renormalization, section 4",
         datasets={d: dict(label=EXPERIMENTS[d]["label"], settings=EXPERIMENTS[d]["settings"])
                   for d in args.datasets},
-        seeds=list(seeds), steps=steps, batch=BATCH, momentum=args.momentum, r_max=R_MAX,
-        d_max=D_MAX, schedule={d: schedule_for(n) for d, n in steps.items()},
-        schedule_rule=f"warm-up {WARMUP_FRAC:.0%}, r_max reached at {R_MAX_AT_FRAC:.0%}, "
-                      f"d_max reached at {D_MAX_AT_FRAC:.0%} of the steps (the paper's "
-                      "5k / 40k / 25k over a 100k-step reference)",
+        seeds=list(seeds), steps=steps, batch=BATCH, r_max=R_MAX,
+        variants={v: configuration(v) for v in args.variants},
+        ran_as={v: r for r, names in runs.items() for v in names},
+        d_max=D_MAX, **schedules_of(steps, args.variants),
+        schedule_rule="brn.schedule_for(steps, momentum, warmup_windows): warm-up 5 %, r_max "
+                      "reached at 40 %, d_max at 25 % of the steps (the paper's 5k / 40k / 25k "
+                      "over a 100k-step reference), the warm-up >= warmup_windows / momentum "
+                      "steps with the ramps' lengths kept",
         optimizer=dict(OPTIM, name="SGD", lr_schedule="cosine to 0"),
         evaluation="test accuracy; population statistics (model.eval()) unless named "
                    "batch_stats_*: training-mode forward on test batches of 32, i.i.d. "
@@ -321,26 +399,62 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 "x 1 thread",
         wall_seconds=round(wall, 1), smoke=args.smoke,
         # What the runs would take on an otherwise idle machine: their CPU time over the workers.
-        cpu_seconds_per_worker=round(sum(r["cpu_seconds"] for r in results) / args.jobs, 1),
+        cpu_seconds_per_worker=round(sum(r["cpu_seconds"] for r in ran) / args.jobs, 1),
         run_seconds_wall_cpu={f"{r['dataset']}/{r['setting']}/{r['layer']}/{r['seed']}":
-                     [round(r["seconds"], 2), round(r["cpu_seconds"], 2)] for r in results},
+                     [round(r["seconds"], 2), round(r["cpu_seconds"], 2)] for r in ran},
     )
-    extra = {f: nested(results, f)
-             for f in ("batch_stats_iid", "batch_stats_setting", "train_acc")}
+    extra = {f: nested(results, f) for f in EXTRA_FIELDS}
+    return write_outputs(out_dir, table, extra, curves_of(results), meta, args)
+
+
+EXTRA_FIELDS = ("batch_stats_iid", "batch_stats_setting", "train_acc")
+
+
+def write_outputs(out_dir: str, table: dict, extra: dict, curves: dict, meta: dict,
+                  args: argparse.Namespace) -> dict:
     with open(os.path.join(out_dir, "accuracy.json"), "w") as f:
         json.dump(table, f, indent=2)
     with open(os.path.join(out_dir, "accuracy_curves.json"), "w") as f:
-        json.dump(dict(meta=meta, curves=curves_of(results), **extra), f, indent=1)
+        json.dump(dict(meta=meta, curves=curves, **extra), f, indent=1)
     md = accuracy_report.markdown(table, extra, meta, SETTING_LABELS)
     with open(os.path.join(out_dir, "accuracy.md"), "w") as f:
         f.write(md)
     if not args.no_plot:
-        accuracy_report.plot(curves_of(results), table, meta, SETTING_LABELS,
+        accuracy_report.plot(curves, table, meta, SETTING_LABELS,
                              os.path.join(out_dir, "accuracy.png"))
     if not args.quiet:
         print(md)
         print(f"wrote {out_dir}")
     return dict(table=table, extra=extra, meta=meta, out_dir=out_dir)
+
+
+def report_again(out_dir: str, args: argparse.Namespace) -> dict:
+    """Rewrite the outputs from a finished run's accuracy_curves.json, with "brn" (and every
+    alias) taken from the run whose configuration the modules' defaults have *now*: after a
+    default changes, the runs need not be repeated, since a run is a pure function of its
+    configuration and seed. Fails if no recorded run has that configuration."""
+    with open(os.path.join(out_dir, "accuracy_curves.json")) as f:
+        saved = json.load(f)
+    meta, recorded = saved["meta"], saved["meta"]["variants"]
+    source = {}
+    for v in recorded:
+        want = configuration(v)
+        source[v] = next((u for u, c in recorded.items()
+                          if all(c.get(k) == value for k, value in want.items())), None)
+        if source[v] is None:
+            raise SystemExit(f"--report-only: no recorded run has {v}'s configuration "
+                             f"{configuration(v)}; run the experiment again")
+    pick = lambda node: {d: {s: {v: cell[source[v]] for v in recorded} for s, cell in rows.items()}
+                         for d, rows in node.items()}
+    curves = pick(saved["curves"])
+    table = {d: {s: {v: [round(a[-1], 6) for a in node["acc"]] for v, node in cell.items()}
+                 for s, cell in rows.items()} for d, rows in curves.items()}
+    meta = dict(meta, **schedules_of(meta["steps"], list(recorded)),
+                variants={v: configuration(v) for v in recorded},
+                ran_as={v: next(r for r, names in runs_of(list(recorded)).items() if v in names)
+                        for v in recorded})
+    extra = {f: pick(saved[f]) for f in EXTRA_FIELDS}
+    return write_outputs(out_dir, table, extra, curves, meta, args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """The accuracy experiment's Markdown table and curves plot (benchmarks/accuracy.py)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 LAYER_LABELS = {"bn": "BatchNorm", "brn": "Batch Renorm"}
+
+
+def label(variant: str) -> str:
+    return LAYER_LABELS.get(variant, f"`{variant}`")
+
+
 PAPER = ["Paper (Ioffe 2017, Inception-v3 on ImageNet, top-1 %), for comparison:", "",
          "| setting | BatchNorm | Batch Renorm |", "|---|---|---|",
          "| minibatch 32, i.i.d. | 78.3 | 78.5 |",
@@ -27,14 +33,89 @@ def control_of(rows: dict):
     return next((s for s in rows if "iid" in s), None)
 
 
-def recovery(rows: dict, setting: str) -> Dict[str, float]:
-    """BatchNorm's loss against the i.i.d. control, Batch Renorm's gain over BatchNorm, and the
-    share of the loss that gain is (None when BatchNorm lost nothing to recover)."""
-    bn, brn = pct(rows[setting]["bn"]).mean(), pct(rows[setting]["brn"]).mean()
+def recovery(rows: dict, setting: str, variant: str = "brn") -> Dict[str, float]:
+    """BatchNorm's loss against the i.i.d. control, a Batch Renorm variant's gain over
+    BatchNorm, and the share of the loss that gain is (None when BatchNorm lost nothing)."""
+    bn, brn = pct(rows[setting]["bn"]).mean(), pct(rows[setting][variant]).mean()
     ctrl = control_of(rows)
     loss = pct(rows[ctrl]["bn"]).mean() - bn if ctrl else float("nan")
     gain = brn - bn
     return dict(bn_loss=loss, gain=gain, share=gain / loss if loss > 0 else None)
+
+
+# The rule that chose the defaults (benchmarks/NOTES.md, issue 20), written before the runs.
+NO_REGRET_POINTS = 0.5   # i.i.d. controls: within this many points of BatchNorm,
+                         # or within the larger sample std of the two
+LOSS_TO_RECOVER = 3.0    # settings where BatchNorm loses at least this much ...
+MIN_SHARE = 0.5          # ... must keep at least this share of it
+
+
+def rule_checks(table: dict, variant: str) -> List[dict]:
+    """Every check of the rule for one variant: the i.i.d. controls and each setting where
+    BatchNorm loses >= LOSS_TO_RECOVER points."""
+    checks = []
+    for d, rows in table.items():
+        ctrl = control_of(rows)
+        if ctrl is None:
+            continue
+        for s in rows:
+            if s == ctrl:
+                bn, v = pct(rows[s]["bn"]), pct(rows[s][variant])
+                spread = max(float(x.std(ddof=1)) if len(x) > 1 else 0.0 for x in (bn, v))
+                allowed = max(NO_REGRET_POINTS, spread)
+                loss = bn.mean() - v.mean()
+                checks.append(dict(dataset=d, setting=s, kind="no regret", value=loss,
+                                   limit=allowed, passed=bool(loss <= allowed)))
+                continue
+            rec = recovery(rows, s, variant)
+            if rec["bn_loss"] >= LOSS_TO_RECOVER:
+                checks.append(dict(dataset=d, setting=s, kind="recovery", value=rec["share"],
+                                   limit=MIN_SHARE, passed=bool(rec["share"] >= MIN_SHARE)))
+    return checks
+
+
+def decide(table: dict, candidates: Sequence[str]) -> dict:
+    """The rule's decision among the candidates: all checks passed first, then (if several
+    pass) the larger smallest recovery share; if none passes, fewer failed checks, then the
+    smaller worst i.i.d. loss."""
+    scored = []
+    for c in candidates:
+        checks = rule_checks(table, c)
+        failed = sum(not k["passed"] for k in checks)
+        shares = [k["value"] for k in checks if k["kind"] == "recovery"] or [0.0]
+        worst_iid = max([k["value"] for k in checks if k["kind"] == "no regret"] or [0.0])
+        scored.append(((failed, -min(shares), worst_iid), c, checks))
+    scored.sort(key=lambda t: t[0])
+    return dict(choice=scored[0][1], rule_met=scored[0][0][0] == 0,
+                checks={c: checks for _, c, checks in scored})
+
+
+def rule_section(table: dict, meta: dict, candidates: Sequence[str],
+                 setting_labels: Dict[str, str]) -> List[str]:
+    verdict = decide(table, candidates)
+    lines = ["## The rule that chose the defaults", "",
+             f"Written before these runs (benchmarks/NOTES.md, issue 20): on every i.i.d. "
+             f"control a candidate stays within max({NO_REGRET_POINTS} point, the larger seed "
+             f"std) of BatchNorm, and in every setting where BatchNorm loses >= "
+             f"{LOSS_TO_RECOVER:g} points it keeps >= {MIN_SHARE:.0%} of the loss.", "",
+             "| candidate | data set | check | measured | limit | passed |", "|---|---|---|---|---|---|"]
+    for c in candidates:
+        for k in verdict["checks"][c]:
+            measured = (f"{k['value']:+.1f} points below BatchNorm" if k["kind"] == "no regret"
+                        else f"{100 * k['value']:.0f} % recovered")
+            limit = (f"<= {k['limit']:.1f}" if k["kind"] == "no regret"
+                     else f">= {100 * k['limit']:.0f} %")
+            lines.append(f"| `{c}` | {k['dataset']} | {k['kind']}: "
+                         f"{setting_labels[k['setting']]} | {measured} | {limit} "
+                         f"| {'yes' if k['passed'] else '**no**'} |")
+    default = next((c for c in candidates if meta["ran_as"].get(c) == meta["ran_as"].get("brn")),
+                   None)
+    lines += ["", f"Decision: `{verdict['choice']}` "
+              + ("passes every check." if verdict["rule_met"] else
+                 "fails the fewest checks; **the rule is not met by any candidate**.")
+              + (f" The modules' defaults are `{default}`." if default else
+                 " The modules' defaults are none of the candidates."), ""]
+    return lines
 
 
 def markdown(table: dict, extra: dict, meta: dict, setting_labels: Dict[str, str]) -> str:
@@ -43,19 +124,29 @@ def markdown(table: dict, extra: dict, meta: dict, setting_labels: Dict[str, str
              "Test accuracy (%), population statistics (`model.eval()`), mean ± std (sample "
              f"std) over {len(seeds)} seed(s) {list(seeds)}. Regenerate with `make accuracy`; "
              "configuration in `accuracy_curves.json` (`meta`).", ""] + PAPER
+    candidates = [v for v in meta["variants"] if v.startswith("brn_")]
+    own = ", ".join(f"{v}: momentum {meta['variants'][v]['momentum']}" for v in ("bn", "brn")
+                    if v in meta["variants"])
+    aliases = "".join(f"`{v}` is the same run as `{r}`; " for v, r in meta["ran_as"].items()
+                      if v != r)
+    lines += [f"`bn` is nn.BatchNorm1d and `brn` BatchRenorm1d, each with its module's defaults "
+              f"({own}), Batch Renorm's schedule from `brn.schedule_for(steps)`; {aliases}"
+              "each `brn_<name>` candidate names its settings (NOTES.md, issue 20).", ""]
     for d, rows in table.items():
         ctrl = control_of(rows)
         lines += [f"## {meta['datasets'][d]['label']}: {meta['steps'][d]} steps", "",
                   "| setting | BatchNorm | Batch Renorm | BatchNorm's loss vs i.i.d. "
-                  "| Batch Renorm - BatchNorm | share of the loss recovered |",
-                  "|---|---|---|---|---|---|"]
+                  "| Batch Renorm - BatchNorm | share of the loss recovered | "
+                  + " | ".join(f"`{c}`" for c in candidates) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(candidates)]
         for s, cell in rows.items():
             rec = recovery(rows, s)
             loss = "(control)" if s == ctrl else ("n/a" if ctrl is None
                                                   else f"{rec['bn_loss']:.1f}")
             share = ("" if s == ctrl or rec["share"] is None else f"{100 * rec['share']:.0f} %")
             lines.append(f"| {setting_labels[s]} | {fmt(cell['bn'])} | {fmt(cell['brn'])} "
-                         f"| {loss} | {rec['gain']:+.1f} | {share} |")
+                         f"| {loss} | {rec['gain']:+.1f} | {share} | "
+                         + " | ".join(fmt(cell[c]) for c in candidates) + " |")
         lines += ["", "The train/inference mismatch: the same final models, evaluated with "
                   "batch statistics (training-mode forward on test batches of 32, built like "
                   "the setting's training batches, or i.i.d.) and with population statistics:",
@@ -68,6 +159,8 @@ def markdown(table: dict, extra: dict, meta: dict, setting_labels: Dict[str, str
             lines.append(f"| {setting_labels[s]} | {fmt(cell['bn'])} | {fmt(bs['bn'])} "
                          f"| {fmt(bi['bn'])} | {fmt(cell['brn'])} | {fmt(bs['brn'])} |")
         lines.append("")
+    if candidates:
+        lines += rule_section(table, meta, candidates, setting_labels)
     sch = meta["schedule"]
     lines += [f"Hardware: {meta['machine']}; wall time {meta['wall_seconds']:.0f} s "
               f"(CPU time per worker {meta.get('cpu_seconds_per_worker', float('nan')):.0f} s); "
@@ -77,7 +170,7 @@ def markdown(table: dict, extra: dict, meta: dict, setting_labels: Dict[str, str
                           f"{v['warmup_steps'] + v['r_max_ramp_steps']}, d_max at "
                           f"{v['warmup_steps'] + v['d_max_ramp_steps']} steps"
                           for d, v in sch.items()) + ".",
-              f"Both layers: momentum {meta['momentum']}, SGD lr {meta['optimizer']['lr']} "
+              f"Both layers: SGD lr {meta['optimizer']['lr']} "
               f"(Nesterov {meta['optimizer']['momentum']}, weight decay "
               f"{meta['optimizer']['weight_decay']}), cosine decay to 0, batch {meta['batch']}.",
               ""]
@@ -95,17 +188,29 @@ def plot(curves: dict, table: dict, meta: dict, setting_labels: Dict[str, str],
     cols = max(len(curves[d]) for d in datasets)
     fig, axes = plt.subplots(len(datasets), cols, squeeze=False,
                              figsize=(3.8 * cols, 3.2 * len(datasets)))
-    colours = {"bn": "tab:blue", "brn": "tab:red"}
+    # One line per distinct run: a candidate equal to the defaults is drawn once, as brn.
+    shown, runs = [], set()
+    for v, run in meta["ran_as"].items():
+        if run not in runs:
+            runs.add(run)
+            shown.append(v)
+    colours = dict(zip(shown, ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:purple",
+                               "tab:brown", "tab:pink", "tab:olive"]))
     for i, d in enumerate(datasets):
         for j, s in enumerate(curves[d]):
             ax = axes[i][j]
-            for l in LAYER_LABELS:
+            for l in shown:
+                if l not in curves[d][s]:
+                    continue
                 node = curves[d][s][l]
+                same = [v for v, run in meta["ran_as"].items()
+                        if run == meta["ran_as"][l] and v != l]
+                name = label(l) + (f" (= {', '.join(same)})" if same else "")
                 acc = pct(node["acc"])
                 mean = acc.mean(0)
                 std = acc.std(0, ddof=1) if len(acc) > 1 else np.zeros_like(mean)
-                ax.plot(node["steps"], mean, color=colours[l],
-                        label=f"{LAYER_LABELS[l]} {fmt(table[d][s][l])}")
+                ax.plot(node["steps"], mean, color=colours[l], linewidth=1,
+                        label=f"{name} {fmt(table[d][s][l])}")
                 ax.fill_between(node["steps"], mean - std, mean + std, color=colours[l],
                                 alpha=0.2, linewidth=0)
             sch = meta["schedule"][d]  # where Batch Renorm's correction is switched on
@@ -114,7 +219,7 @@ def plot(curves: dict, table: dict, meta: dict, setting_labels: Dict[str, str],
                        linestyle="--", linewidth=1)
             ax.set_title(f"{d}: {setting_labels[s]}", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=5, loc="lower right")
             ax.set_ylim(0.0, 100.0)
             if i == len(datasets) - 1:
                 ax.set_xlabel("training step")

@@ -139,12 +139,12 @@ def test_smoke_run_writes_the_schema(accuracy, tmp_path):
     with open(tmp_path / "accuracy.json") as f:
         table = json.load(f)
     assert set(table) == {"signals100", "tabular100"}
-    assert set(table["signals100"]) == {"iid", "micro4", "micro2"}
-    assert set(table["tabular100"]) == {"iid", "classes16x2", "classes4x8"}
+    assert set(table["signals100"]) == {"iid", "micro4", "micro2", "classes4x8"}
+    assert set(table["tabular100"]) == {"iid", "classes16x2", "classes4x8", "micro8"}
     for dataset, rows in table.items():
         assert sum("iid" in s for s in rows) == 1  # exactly one i.i.d. control per data set
         for setting, cell in rows.items():
-            assert set(cell) == {"bn", "brn"}
+            assert set(cell) == set(accuracy.VARIANTS)
             for layer, accs in cell.items():
                 assert len(accs) == 1
                 assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in accs)
@@ -159,3 +159,47 @@ def test_smoke_run_writes_the_schema(accuracy, tmp_path):
     md = (tmp_path / "accuracy.md").read_text()
     assert "| setting | BatchNorm | Batch Renorm |" in md and "share of the loss" in md
     assert out["table"] == table
+
+
+def test_a_candidate_equal_to_the_defaults_is_the_same_run(accuracy, tmp_path):
+    """brn is run once under the modules' defaults; the candidate with the same configuration is
+    reported with the same numbers, and --report-only after a change of default maps brn to
+    the run that now has the defaults (no retraining)."""
+    out = accuracy.main(["--smoke", "--out-dir", str(tmp_path), "--jobs", "1", "--quiet",
+                         "--datasets", "tabular100", "--settings", "iid", "--no-plot"])
+    meta, cell = out["meta"], out["table"]["tabular100"]["iid"]
+    assert meta["variants"]["bn"]["momentum"] == 0.1  # nn.BatchNorm1d's own default
+    alias = next(v for v in accuracy.CANDIDATES if meta["ran_as"][v] == "brn")
+    assert cell[alias] == cell["brn"]
+    other = next(v for v in accuracy.CANDIDATES if meta["ran_as"][v] != "brn")
+    assert cell[other] != cell["brn"]  # a different configuration trains differently
+
+    before = (tmp_path / "accuracy.md").read_text()
+    accuracy.main(["--report-only", "--out-dir", str(tmp_path), "--quiet", "--no-plot"])
+    assert (tmp_path / "accuracy.md").read_text() == before
+
+    original = accuracy.VARIANTS["brn"]
+    accuracy.VARIANTS["brn"] = dict(accuracy.VARIANTS[other])  # as if the defaults became it
+    try:
+        again = accuracy.main(["--report-only", "--out-dir", str(tmp_path), "--quiet",
+                               "--no-plot"])
+    finally:
+        accuracy.VARIANTS["brn"] = original
+    assert again["table"]["tabular100"]["iid"]["brn"] == cell[other]
+    assert again["meta"]["ran_as"]["brn"] == "brn" and again["meta"]["ran_as"][other] == "brn"
+
+
+def test_the_rule_passes_and_fails(accuracy):
+    report = accuracy.accuracy_report
+    # BatchNorm: 80 i.i.d., 70 with microbatches (a 10-point loss to recover).
+    table = {"d": {"iid": {"bn": [0.80, 0.80], "brn_a": [0.799, 0.797], "brn_b": [0.78, 0.78]},
+                   "micro4": {"bn": [0.70, 0.70], "brn_a": [0.72, 0.72], "brn_b": [0.77, 0.77]}}}
+    a, b = report.rule_checks(table, "brn_a"), report.rule_checks(table, "brn_b")
+    assert [k["kind"] for k in a] == ["no regret", "recovery"]
+    assert [k["passed"] for k in a] == [True, False]  # 0.2 below is fine; 20 % recovered is not
+    assert [k["passed"] for k in b] == [False, True]  # 2 points below; 70 % recovered
+    verdict = report.decide(table, ["brn_a", "brn_b"])
+    assert not verdict["rule_met"]
+    table["d"]["iid"]["brn_b"] = [0.81, 0.79]  # now inside BatchNorm's spread
+    verdict = report.decide(table, ["brn_a", "brn_b"])
+    assert verdict["rule_met"] and verdict["choice"] == "brn_b"
