@@ -29,8 +29,9 @@ _ARGS_DOC = """
             momentum * batch; None is a cumulative average (as in nn.BatchNorm). Default 0.01,
             not BatchNorm's 0.1: r and d correct each batch towards the running statistics, so
             those must be a smooth estimate of the population's, not of the last few batches
-            (the paper uses 0.01 with batches of 32). Raise it for short runs or when the
-            statistics move fast, as they do in reinforcement-learning critics.
+            (the paper uses 0.01 with batches of 32). 0.1 broke training with microbatches
+            of 2 in our accuracy experiment (README, "Does it help?"); for a short run, keep
+            0.01 and scale the schedule with schedule_for(total_steps).
         affine: learnable per-channel weight (init 1) and bias (init 0). Default True.
         track_running_stats: keep running_mean, running_var and num_batches_tracked. False
             normalises with the batch's own statistics in eval too and makes training plain
@@ -40,7 +41,9 @@ _ARGS_DOC = """
             Default 5.
         warmup_steps: training steps of plain BatchNorm (r_max = 1, d_max = 0) before the
             bounds relax. Default 5000, the paper's: at the start the running statistics are
-            their initial 0 and 1 and say nothing yet, so correcting towards them would hurt.
+            their initial 0 and 1 and say nothing yet, so correcting towards them would hurt;
+            the warm-up should span several averaging windows (1 / momentum steps each).
+            For runs shorter than the paper's, schedule_for(total_steps) gives all three.
             nn.BatchNorm has no such phase; set warmup_steps, r_max_ramp_steps and
             d_max_ramp_steps to 0 for the final bounds from the first step, or ramps of 0 for
             a hard switch after the warm-up (CrossQ's use).
