@@ -190,4 +190,47 @@ inline TrainFlags check_forward_train(
   return f;
 }
 
+// The building blocks' and backward's checks, one function per op, called by every backend's
+// glue (csrc/cpu/batchrenorm_cpu.cpp, csrc/cuda/batchrenorm_cuda_glue.h).
+inline void check_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                           c10::DeviceType device_type, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& mean, const at::Tensor& invstd,
+                           const std::optional<at::Tensor>& r,
+                           const std::optional<at::Tensor>& d) {
+  check_input(op, input, device_type);
+  check_grad_output(op, grad_output, input);
+  check_per_channel(op, "weight", weight, input);
+  check_per_channel(op, "mean", mean, input);
+  check_per_channel(op, "invstd", invstd, input);
+  check_per_channel(op, "r", r, input);
+  check_per_channel(op, "d", d, input);
+}
+
+inline void check_normalize(const char* op, const at::Tensor& input, c10::DeviceType device_type,
+                            const at::Tensor& scale, const at::Tensor& shift) {
+  check_input(op, input, device_type);
+  check_per_channel(op, "scale", scale, input);
+  check_per_channel(op, "shift", shift, input);
+}
+
+inline void check_backward_reduce(const char* op, const at::Tensor& grad_output,
+                                  const at::Tensor& input, c10::DeviceType device_type,
+                                  const at::Tensor& mean, const at::Tensor& invstd) {
+  check_input(op, input, device_type);
+  check_grad_output(op, grad_output, input);
+  check_per_channel(op, "mean", mean, input);
+  check_per_channel(op, "invstd", invstd, input);
+}
+
+inline void check_backward_input(const char* op, const at::Tensor& grad_output,
+                                 const at::Tensor& input, c10::DeviceType device_type,
+                                 const at::Tensor& mean, const at::Tensor& invstd,
+                                 const at::Tensor& scale, const at::Tensor& mean_dy,
+                                 const at::Tensor& mean_dy_xhat) {
+  check_backward_reduce(op, grad_output, input, device_type, mean, invstd);
+  check_per_channel(op, "scale", scale, input);
+  check_per_channel(op, "mean_dy", mean_dy, input);
+  check_per_channel(op, "mean_dy_xhat", mean_dy_xhat, input);
+}
+
 }  // namespace batchrenorm

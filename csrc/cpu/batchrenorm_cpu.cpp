@@ -323,13 +323,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
                                             const std::optional<Tensor>& d, bool batch_stats,
                                             std::array<bool, 3> output_mask) {
   constexpr const char* op = "batchrenorm::backward";
-  check_input(op, input, kDevice);
-  check_grad_output(op, grad_output, input);
-  check_per_channel(op, "weight", weight, input);
-  check_per_channel(op, "mean", mean, input);
-  check_per_channel(op, "invstd", invstd, input);
-  check_per_channel(op, "r", r, input);
-  check_per_channel(op, "d", d, input);
+  check_backward(op, grad_output, input, kDevice, weight, mean, invstd, r, d);
   Layout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
@@ -421,9 +415,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 
 Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) {
   constexpr const char* op = "batchrenorm::normalize";
-  check_input(op, input, kDevice);
-  check_per_channel(op, "scale", scale, input);
-  check_per_channel(op, "shift", shift, input);
+  check_normalize(op, input, kDevice, scale, shift);
   Layout g;
   const Tensor x = canonical(input, &g);
   Tensor output = empty_output(input, g);
@@ -443,10 +435,7 @@ Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
                                            const Tensor& mean, const Tensor& invstd) {
   constexpr const char* op = "batchrenorm::backward_reduce";
-  check_input(op, input, kDevice);
-  check_grad_output(op, grad_output, input);
-  check_per_channel(op, "mean", mean, input);
-  check_per_channel(op, "invstd", invstd, input);
+  check_backward_reduce(op, grad_output, input, kDevice, mean, invstd);
   Layout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
@@ -469,13 +458,8 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
                       const Tensor& invstd, const Tensor& scale, const Tensor& mean_dy,
                       const Tensor& mean_dy_xhat) {
   constexpr const char* op = "batchrenorm::backward_input";
-  check_input(op, input, kDevice);
-  check_grad_output(op, grad_output, input);
-  check_per_channel(op, "mean", mean, input);
-  check_per_channel(op, "invstd", invstd, input);
-  check_per_channel(op, "scale", scale, input);
-  check_per_channel(op, "mean_dy", mean_dy, input);
-  check_per_channel(op, "mean_dy_xhat", mean_dy_xhat, input);
+  check_backward_input(op, grad_output, input, kDevice, mean, invstd, scale, mean_dy,
+                       mean_dy_xhat);
   Layout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);

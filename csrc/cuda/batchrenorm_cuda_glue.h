@@ -204,13 +204,7 @@ struct Glue {
                                               const std::optional<Tensor>& d, bool batch_stats,
                                               std::array<bool, 3> output_mask) {
     constexpr const char* op = "batchrenorm::backward";
-    check_input(op, input, RT::kDevice);
-    check_grad_output(op, grad_output, input);
-    check_per_channel(op, "weight", weight, input);
-    check_per_channel(op, "mean", mean, input);
-    check_per_channel(op, "invstd", invstd, input);
-    check_per_channel(op, "r", r, input);
-    check_per_channel(op, "d", d, input);
+    check_backward(op, grad_output, input, RT::kDevice, weight, mean, invstd, r, d);
 
     const typename RT::Guard guard(input.device());
     const Canonical c = canonical(input);
@@ -297,9 +291,7 @@ struct Glue {
 
   static Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) {
     constexpr const char* op = "batchrenorm::normalize";
-    check_input(op, input, RT::kDevice);
-    check_per_channel(op, "scale", scale, input);
-    check_per_channel(op, "shift", shift, input);
+    check_normalize(op, input, RT::kDevice, scale, shift);
     const typename RT::Guard guard(input.device());
     const Canonical c = canonical(input);
     Tensor output = empty_output(input, c);
@@ -321,10 +313,7 @@ struct Glue {
   static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
                                              const Tensor& mean, const Tensor& invstd) {
     constexpr const char* op = "batchrenorm::backward_reduce";
-    check_input(op, input, RT::kDevice);
-    check_grad_output(op, grad_output, input);
-    check_per_channel(op, "mean", mean, input);
-    check_per_channel(op, "invstd", invstd, input);
+    check_backward_reduce(op, grad_output, input, RT::kDevice, mean, invstd);
     const typename RT::Guard guard(input.device());
     const Canonical c = canonical(input);
     if (input.numel() == 0) {
@@ -357,13 +346,8 @@ struct Glue {
                         const Tensor& invstd, const Tensor& scale, const Tensor& mean_dy,
                         const Tensor& mean_dy_xhat) {
     constexpr const char* op = "batchrenorm::backward_input";
-    check_input(op, input, RT::kDevice);
-    check_grad_output(op, grad_output, input);
-    check_per_channel(op, "mean", mean, input);
-    check_per_channel(op, "invstd", invstd, input);
-    check_per_channel(op, "scale", scale, input);
-    check_per_channel(op, "mean_dy", mean_dy, input);
-    check_per_channel(op, "mean_dy_xhat", mean_dy_xhat, input);
+    check_backward_input(op, grad_output, input, RT::kDevice, mean, invstd, scale, mean_dy,
+                         mean_dy_xhat);
     const typename RT::Guard guard(input.device());
     const Canonical c = canonical(input);
     Tensor grad_input = empty_output(input, c);
