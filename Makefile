@@ -1,6 +1,7 @@
 # make test   set up .venv, build the extension, run the whole suite (the emulated CUDA
 #             kernels included, and their AddressSanitizer run; the RL libraries too, for the
 #             peers' check and the CrossQ smoke run)
+# make lint   ruff over the Python sources (pyproject.toml), also run by make test
 # make test-cuda-emulation   build the emulated CUDA kernels and run only their tests
 # make bench  set up .venv, build, run the benchmark on the default device (CUDA if present),
 #             then the module-level one (CPU: BatchRenormNd vs nn.BatchNormNd, 1 and 2 threads),
@@ -40,7 +41,7 @@ SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
 VENVS      ?= .venvs
 
 .PHONY: test test-cuda-emulation bench gpu-model accuracy rl fuzz build venv clean system-deps \
-        rl-deps test-install test-torch gpu-build
+        rl-deps test-install test-torch gpu-build lint
 
 # Boost.Fiber runs the emulated CUDA threads (tests/cuda_emulation.py); installed when missing.
 system-deps:
@@ -74,8 +75,13 @@ $(VENV)/.built: $(READY) $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: build system-deps rl-deps
+test: build system-deps rl-deps lint
 	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+
+# ruff (pyproject.toml's [tool.ruff]) over the Python sources; make test runs it first.
+lint: $(READY)
+	$(PY) -m pip install -q "ruff>=0.6"
+	$(PY) -m ruff check .
 
 test-cuda-emulation: build system-deps
 	BRN_REQUIRE_CUDA_EMULATION=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m cuda_emulation tests

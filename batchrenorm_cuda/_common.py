@@ -117,7 +117,8 @@ def check_arguments(caller: str, input: Tensor, running_mean: Optional[Tensor],
     if num_batches_tracked is not None:
         if num_batches_tracked.dtype != torch.long or num_batches_tracked.numel() != 1:
             raise TypeError(f"{caller}: num_batches_tracked must be an int64 scalar tensor, got "
-                            f"{num_batches_tracked.dtype} of shape {tuple(num_batches_tracked.shape)}")
+                            f"{num_batches_tracked.dtype} of shape "
+                            f"{tuple(num_batches_tracked.shape)}")
         if num_batches_tracked.device != input.device:
             raise RuntimeError(f"{caller}: num_batches_tracked is on {num_batches_tracked.device},"
                                f" expected {input.device} like input")

@@ -93,7 +93,8 @@ def make_params(channels: int, input_dtype: torch.dtype, device="cpu",
     sdt = stat_dtype(input_dtype)
 
     def rand(*shape):
-        return torch.rand(*shape, generator=generator, dtype=torch.float64).to(device=device, dtype=sdt)
+        values = torch.rand(*shape, generator=generator, dtype=torch.float64)
+        return values.to(device=device, dtype=sdt)
 
     weight = rand(channels) + 0.5
     bias = rand(channels) - 0.5

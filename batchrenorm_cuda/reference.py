@@ -122,7 +122,8 @@ def batch_renorm(
     if running_mean is not None:
         with torch.no_grad():
             step = num_batches_tracked
-            rmax, dmax = clip_bounds(step, r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
+            rmax, dmax = clip_bounds(step, r_max, d_max, warmup_steps, r_max_ramp_steps,
+                                     d_max_ramp_steps)
             if isinstance(rmax, Tensor):  # on the counter's device: no host synchronisation
                 rmax, dmax = rmax.to(sdt), dmax.to(sdt)
             sigma = torch.sqrt(running_var + eps)

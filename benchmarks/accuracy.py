@@ -47,7 +47,6 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -364,8 +363,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if unknown:
         p.error(f"--settings: unknown {sorted(unknown)} for data sets {args.datasets}")
     runs = runs_of(args.variants)
-    todo = [dict(dataset=d, setting=s, layer=l, seed=seed, steps=steps[d], evals=cfg["evals"])
-            for d in args.datasets for s in settings[d] for seed in seeds for l in runs]
+    todo = [dict(dataset=d, setting=s, layer=run, seed=seed, steps=steps[d], evals=cfg["evals"])
+            for d in args.datasets for s in settings[d] for seed in seeds for run in runs]
     # Longest runs first, so that the pool's last worker does not finish alone.
     cost = {"signals100": 3.0, "tabular100": 1.0}
     todo.sort(key=lambda t: -t["steps"] * cost[t["dataset"]])

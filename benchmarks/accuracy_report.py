@@ -98,7 +98,8 @@ def rule_section(table: dict, meta: dict, candidates: Sequence[str],
              f"control a candidate stays within max({NO_REGRET_POINTS} point, the larger seed "
              f"std) of BatchNorm, and in every setting where BatchNorm loses >= "
              f"{LOSS_TO_RECOVER:g} points it keeps >= {MIN_SHARE:.0%} of the loss.", "",
-             "| candidate | data set | check | measured | limit | passed |", "|---|---|---|---|---|---|"]
+             "| candidate | data set | check | measured | limit | passed |",
+             "|---|---|---|---|---|---|"]
     for c in candidates:
         for k in verdict["checks"][c]:
             measured = (f"{k['value']:+.1f} points below BatchNorm" if k["kind"] == "no regret"
@@ -199,19 +200,19 @@ def plot(curves: dict, table: dict, meta: dict, setting_labels: Dict[str, str],
     for i, d in enumerate(datasets):
         for j, s in enumerate(curves[d]):
             ax = axes[i][j]
-            for l in shown:
-                if l not in curves[d][s]:
+            for v in shown:
+                if v not in curves[d][s]:
                     continue
-                node = curves[d][s][l]
-                same = [v for v, run in meta["ran_as"].items()
-                        if run == meta["ran_as"][l] and v != l]
-                name = label(l) + (f" (= {', '.join(same)})" if same else "")
+                node = curves[d][s][v]
+                same = [u for u, run in meta["ran_as"].items()
+                        if run == meta["ran_as"][v] and u != v]
+                name = label(v) + (f" (= {', '.join(same)})" if same else "")
                 acc = pct(node["acc"])
                 mean = acc.mean(0)
                 std = acc.std(0, ddof=1) if len(acc) > 1 else np.zeros_like(mean)
-                ax.plot(node["steps"], mean, color=colours[l], linewidth=1,
-                        label=f"{name} {fmt(table[d][s][l])}")
-                ax.fill_between(node["steps"], mean - std, mean + std, color=colours[l],
+                ax.plot(node["steps"], mean, color=colours[v], linewidth=1,
+                        label=f"{name} {fmt(table[d][s][v])}")
+                ax.fill_between(node["steps"], mean - std, mean + std, color=colours[v],
                                 alpha=0.2, linewidth=0)
             sch = meta["schedule"][d]  # where Batch Renorm's correction is switched on
             ax.axvline(sch["warmup_steps"], color="grey", linestyle=":", linewidth=1)

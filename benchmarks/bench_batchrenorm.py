@@ -393,7 +393,8 @@ def plot(result, path: Path) -> None:
         ns = sorted({k[2][0] for vals in rat.values() for k, _ in vals})
         width = 0.8 / max(1, len(impls))
         for j, impl in enumerate(impls):
-            vals = [(k, v) for k, v in rat.get((impl, mode), []) if k[0] == dtype and k[1] == layout]
+            vals = [(k, v) for k, v in rat.get((impl, mode), [])
+                    if k[0] == dtype and k[1] == layout]
             ys = [harness.geomean([v for k, v in vals if k[2][1:] == s]) for s in shapes]
             ax_shape.bar([x + (j - (len(impls) - 1) / 2) * width for x in range(len(shapes))],
                          ys, width, label=impl, color=colors[impl])

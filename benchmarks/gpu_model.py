@@ -296,7 +296,6 @@ def model(counted_cases) -> List[Dict]:
 
     rows = []
     for (shape, layout, dtype), counted in counted_cases:
-        elt = dtype.itemsize
         T = counted["tensor_bytes"]
         for op in ("forward_train", "backward"):
             recs = counted[op]

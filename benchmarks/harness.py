@@ -349,6 +349,7 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 
 __all__ = ["MODES", "TimerConfig", "Timing", "copy_bandwidth_gbps", "device_name",
-           "environment", "geomean", "loadavg", "measure", "measure_many", "minimal_bytes", "mode_step",
+           "environment", "geomean", "loadavg", "measure", "measure_many", "minimal_bytes",
+           "mode_step",
            "paired_ratio",
            "summarize", "asdict"]

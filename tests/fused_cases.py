@@ -16,7 +16,8 @@ SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_
 
 
 def layout(shape, kind, device):
-    """A random float64 tensor on `device` of `shape` in a layout: contiguous, channels_last(_3d), or a
+    """A random float64 tensor on `device` of `shape` in a layout: contiguous,
+    channels_last(_3d), or a
     non-contiguous slice of a larger tensor."""
     if kind == "slice":
         big = torch.randn((shape[0], shape[1] * 2) + tuple(shape[2:]), dtype=torch.float64,

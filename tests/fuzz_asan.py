@@ -34,7 +34,8 @@ def build_asan() -> str:
         return lib
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     # -O0: a third of the compile time of -O1, and the calls are small.
-    flags = ["-std=" + torch_cxx_standard(), "-O0", "-g", "-fPIC", "-fopenmp", "-fno-omit-frame-pointer",
+    flags = ["-std=" + torch_cxx_standard(), "-O0", "-g", "-fPIC", "-fopenmp",
+             "-fno-omit-frame-pointer",
              "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
              f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-I" + os.path.join(ROOT, "csrc"),
              "-I" + sysconfig.get_paths()["include"]]
@@ -84,7 +85,8 @@ def run_under_asan(calls: int, seed: int) -> int:
                ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:exitcode=99:"
                f"allocator_may_return_null=1:log_path={log}",
                UBSAN_OPTIONS=f"print_stacktrace=1:halt_on_error=1:exitcode=98:log_path={log}")
-    run = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_ops.py"), "--calls", str(calls), "--seed", str(seed)],
+    run = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_ops.py"), "--calls", str(calls),
+                          "--seed", str(seed)],
                          env=env, capture_output=True, text=True)
     # Only errors count: the log also gets a warning for each refused huge allocation.
     reports = [text for text in (open(os.path.join(ASAN_DIR, f)).read()

@@ -31,7 +31,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import batchrenorm_cuda as brn  # noqa: E402
 from batchrenorm_cuda import reference  # noqa: E402
 from batchrenorm_cuda._ops import memory_format_of  # noqa: E402
 from batchrenorm_cuda.functional import batch_renorm_scheduled as _batch_renorm  # noqa: E402

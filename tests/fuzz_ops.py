@@ -21,7 +21,7 @@ import random
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -328,7 +328,8 @@ def _mismatch(got, want, dtype, m) -> Optional[str]:
     from batchrenorm_cuda._testing import grad_tolerance, mismatch
 
     if (got is None) != (want is None):
-        return f"{'None' if got is None else 'a tensor'} where {want is not None and 'a tensor' or 'None'} was expected"
+        return (f"{'None' if got is None else 'a tensor'} where "
+                f"{'a tensor' if want is not None else 'None'} was expected")
     if got is None:
         return None
     # Every output of an op call under the per-channel-sum rule (its largest error: the
@@ -439,7 +440,8 @@ def main(argv=None) -> int:
           f"{counts['ok']} right answers, {counts['error']} clear errors, "
           f"{counts['FAIL']} failures, 0 crashes (the process finished)")
     print("fuzz ops: first mutation " + ", ".join(
-        f"{k.split(' ', 1)[1]}: {v}" for k, v in sorted(counts.items()) if k.startswith("mutation")))
+        f"{k.split(' ', 1)[1]}: {v}" for k, v in sorted(counts.items())
+        if k.startswith("mutation")))
     return 1 if failures else 0
 
 

@@ -40,7 +40,8 @@ import batchrenorm_cuda as brn  # noqa: E402
 import fuzz_campaign as fc  # noqa: E402
 import sync_harness  # noqa: E402
 from batchrenorm_cuda import reference  # noqa: E402
-from batchrenorm_cuda._testing import DTYPES, tolerance  # noqa: E402
+from batchrenorm_cuda._testing import (DTYPES, buffer_tolerance, grad_tolerance,  # noqa: E402
+                                       mismatch, tolerance)
 
 WORLD_SIZES = (1, 2, 3, 4)
 # Rows per rank: zeros for empty slices, unequal sizes.
@@ -204,7 +205,6 @@ def compare(case: SyncCase, backend: str, per_rank: List[list]) -> List[str]:
     """Every mismatch of one backend's run of the case against the oracle."""
     dtype = getattr(torch, case.dtype)
     tol = tolerance(dtype)
-    buffer_tol = 1e-12 if dtype == torch.float64 else 1e-5
     problems = []
     for step, want in enumerate(oracle(case)):
         got = [steps[step] for steps in per_rank]
@@ -215,31 +215,30 @@ def compare(case: SyncCase, backend: str, per_rank: List[list]) -> List[str]:
         ocase = case.oracle_case()
         params = fc.Params(ocase, _base(case), torch.float64)
         dx_scale = fc._dx_scale(x64, params, ocase, training) if training else 1.0
-        grad_tol = (tol["atol"] * max(m, 1) ** 0.5 * 4, tol["rtol"] * 4)
-        checks = [("output", torch.cat([g["out"] for g in got]), want["out"], tol["atol"],
-                   tol["rtol"])]
+        checks = [("output", torch.cat([g["out"] for g in got]), want["out"], tol)]
         if training:
             checks.append(("grad_input", torch.cat([g["grad_input"] for g in got]),
-                           want["grads"][0], tol["atol"] * dx_scale, tol["rtol"]))
+                           want["grads"][0], dict(tol, atol=tol["atol"] * dx_scale)))
             for name, i in (("grad_weight", 1), ("grad_bias", 2)):
                 parts = [g[name] for g in got]
                 if (parts[0] is None) != (want["grads"][i] is None):
                     problems.append(f"{where} {name}: present {parts[0] is not None}, "
                                     f"expected {want['grads'][i] is not None}")
                 elif parts[0] is not None:
-                    checks.append((name, sum(parts), want["grads"][i], *grad_tol))
+                    checks.append((name, sum(parts), want["grads"][i],
+                                   grad_tolerance(dtype, m)))
         for name, value in want["buffers"].items():
             if name == "num_batches_tracked":
                 counts = [int(g["buffers"][name]) for g in got]
                 if counts != [int(value)] * len(got):
                     problems.append(f"{where} num_batches_tracked {counts}, expected {int(value)}")
                 continue
-            checks.append((name, got[0]["buffers"][name], value, buffer_tol, buffer_tol))
+            checks.append((name, got[0]["buffers"][name], value, buffer_tolerance(dtype)))
             for rank in range(1, len(got)):
                 if not torch.equal(got[rank]["buffers"][name], got[0]["buffers"][name]):
                     problems.append(f"{where} {name} differs between ranks 0 and {rank}")
-        for name, a, b, atol, rtol in checks:
-            err = fc._close(a, b, atol, rtol)
+        for name, a, b, tol_of in checks:
+            err = mismatch(a, b, **tol_of)
             if err:
                 problems.append(f"{where} {name}: {err}")
     return problems

@@ -62,7 +62,8 @@ def test_smoke_rows(smoke_result):
     expected = {(impl, mode, layout, tuple(n_chw))
                 for impl in impls for mode in ("fwd", "bwd", "fwd+bwd")
                 for layout in ("nchw", "channels_last")
-                for n_chw in [(n,) + s for n in bench.SMOKE_BATCH_SIZES for s in bench.SMOKE_SHAPES]}
+                for n_chw in [(n,) + s for n in bench.SMOKE_BATCH_SIZES
+                              for s in bench.SMOKE_SHAPES]}
     assert {(r["impl"], r["mode"], r["layout"], tuple(r["shape"])) for r in rows} == expected
     for r in rows:
         assert ROW_KEYS <= set(r), r

@@ -8,7 +8,6 @@ exceed the final ones; r is positive (an implementation whose warm-up factor gro
 bound flips r's sign past twice the warm-up)."""
 import copy
 
-import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st

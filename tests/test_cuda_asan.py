@@ -35,7 +35,8 @@ def test_emulated_kernels_under_address_sanitizer(cuda_emulation, tmp_path):
                    [asan_dir] + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(
                        os.pathsep) if p]),
                BRN_REQUIRE_CUDA_EMULATION="1", BRN_EMULATION_RANDOM_SCHEDULES="1",
-               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:exitcode=99:log_path=" + str(tmp_path / "asan"),
+               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:exitcode=99:log_path="
+               + str(tmp_path / "asan"),
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=98:log_path="
                + str(tmp_path / "ubsan"))
     # Built first, without libasan in the compilers' environment.

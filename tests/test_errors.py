@@ -59,11 +59,13 @@ def test_rank_below_two(backend):
 @pytest.mark.parametrize(
     "name, bad, error, words",
     [
-        ("running_mean", torch.zeros(3), ValueError, r"running_mean must have shape \(C,\) = \(4,\), got \(3,\)"),
+        ("running_mean", torch.zeros(3), ValueError,
+         r"running_mean must have shape \(C,\) = \(4,\), got \(3,\)"),
         ("running_var", torch.ones(4, 1), ValueError, r"running_var must have shape"),
         ("weight", torch.ones(5), ValueError, r"weight must have shape \(C,\) = \(4,\)"),
         ("bias", torch.zeros(2), ValueError, r"bias must have shape"),
-        ("running_mean", torch.zeros(4, dtype=torch.float64), TypeError, "running_mean must be torch.float32"),
+        ("running_mean", torch.zeros(4, dtype=torch.float64), TypeError,
+         "running_mean must be torch.float32"),
         ("weight", torch.ones(4, dtype=torch.float16), TypeError, "weight must be torch.float32"),
         ("running_var", torch.ones(4, device="meta"), RuntimeError, "running_var is on meta"),
         ("bias", [0.0] * 4, TypeError, "bias must be a Tensor"),
@@ -82,9 +84,11 @@ def test_bad_per_channel_tensors(backend, name, bad, error, words):
 
 
 def test_half_input_needs_float32_params_and_double_needs_double():
-    with pytest.raises(TypeError, match="running_mean must be torch.float32 for torch.float16 input"):
+    with pytest.raises(TypeError,
+                       match="running_mean must be torch.float32 for torch.float16 input"):
         _call(torch.randn(3, 4).half(), *_buffers(dtype=torch.float16))
-    with pytest.raises(TypeError, match="running_mean must be torch.float64 for torch.float64 input"):
+    with pytest.raises(TypeError,
+                       match="running_mean must be torch.float64 for torch.float64 input"):
         _call(torch.randn(3, 4, dtype=torch.float64))
 
 
@@ -128,7 +132,8 @@ def test_module_rank_and_channels(cls, bad_shape, words):
     [
         (dict(r_max=0.9), "r_max"), (dict(d_max=-0.5), "d_max"), (dict(eps=-1.0), "eps"),
         (dict(momentum=2.0), "momentum"), (dict(warmup_steps=-1), "warmup_steps"),
-        (dict(r_max_ramp_steps=-5), "r_max_ramp_steps"), (dict(d_max_ramp_steps=1.5), "d_max_ramp_steps"),
+        (dict(r_max_ramp_steps=-5), "r_max_ramp_steps"),
+        (dict(d_max_ramp_steps=1.5), "d_max_ramp_steps"),
     ],
 )
 def test_module_constructor_rejects(kwargs, words):

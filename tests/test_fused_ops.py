@@ -16,8 +16,8 @@ pytestmark = requires_cpu_kernels
 
 ops = torch.ops.batchrenorm
 
-import fused_cases
-from fused_cases import train_step as _step
+import fused_cases  # noqa: E402 - after the marks, a sibling module of tests/
+from fused_cases import train_step as _step  # noqa: E402
 
 DEV = "cpu"
 

@@ -24,7 +24,8 @@ def test_fuzz_slice_all_backends_match_the_float64_oracle(cuda_emulation):
                 failures.append(f"{problems[0]}  [repro: {case.repro()}]")
     finally:
         cuda_emulation.set_random_schedules(saved)
-    assert not failures, f"{len(failures)} of {len(SLICE_SEEDS)} cases:\n" + "\n".join(failures[:20])
+    assert not failures, (f"{len(failures)} of {len(SLICE_SEEDS)} cases:\n"
+                          + "\n".join(failures[:20]))
 
 
 def test_the_oracle_is_not_the_reference():

@@ -19,7 +19,8 @@ BN_OF = {brn.BatchRenorm1d: nn.BatchNorm1d, brn.BatchRenorm2d: nn.BatchNorm2d,
 
 def _module_step(module, x):
     """Forward, then the textbook reference step on copies of the buffers before it."""
-    rm, rv, nbt = module.running_mean.clone(), module.running_var.clone(), module.num_batches_tracked.clone()
+    rm, rv = module.running_mean.clone(), module.running_var.clone()
+    nbt = module.num_batches_tracked.clone()
     y = module(x)
     expected = reference.batch_renorm(
         x, rm, rv, module.weight, module.bias, True, module.momentum, module.eps, module.r_max,
@@ -208,7 +209,8 @@ def test_fuse_conv_bn_eval():
 
 def test_repr_names_renorm_arguments():
     text = repr(brn.BatchRenorm2d(8, r_max=2.5))
-    assert "r_max=2.5" in text and "warmup_steps=5000" in text and text.startswith("BatchRenorm2d(8")
+    assert "r_max=2.5" in text and "warmup_steps=5000" in text
+    assert text.startswith("BatchRenorm2d(8")
 
 
 def test_deepcopy_and_half_input_with_float_params():

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
 from batchrenorm_cuda.functional import batch_renorm_scheduled as _batch_renorm
 from batchrenorm_cuda._testing import tolerance
@@ -111,7 +110,8 @@ def test_constant_channels_and_denormals(backend, dtype):
     for t in (y, dx, rm, rv):
         assert torch.isfinite(t).all()
     assert_close(y.double(), y64, **tolerance(dtype))
-    assert_close(dx.double(), dx64, atol=tolerance(dtype)["atol"] * 40, rtol=tolerance(dtype)["rtol"])
+    assert_close(dx.double(), dx64, atol=tolerance(dtype)["atol"] * 40,
+                 rtol=tolerance(dtype)["rtol"])
     assert_close(rv.double(), rv64, atol=1e-6, rtol=1e-5)
 
 

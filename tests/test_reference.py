@@ -88,7 +88,7 @@ def test_rmax1_dmax0_is_batchnorm(dtype, layout):
     weight, bias, rm, rv = make_params(6, dtype)
     results = []
     for fn in ("brn", "bn"):
-        xr, w, b = x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        xr, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
         m, v = rm.clone(), rv.clone()
         for _ in range(3):
             if fn == "brn":
@@ -151,8 +151,8 @@ def test_r_and_d_carry_no_gradient():
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     rm = torch.zeros(3, dtype=torch.float64)
     rv = torch.ones(3, dtype=torch.float64)
-    y = brn.batch_renorm(x, rm.clone(), rv.clone(), None, None, training=True, r_max=100.0, d_max=100.0,
-                         backend="reference")
+    y = brn.batch_renorm(x, rm.clone(), rv.clone(), None, None, training=True, r_max=100.0,
+                         d_max=100.0, backend="reference")
     g = torch.arange(18, dtype=torch.float64).view(6, 3)
     (y * g).sum().backward()
     _, dx, _, _, _, _, r, d = textbook(x.detach(), rm, rv, torch.ones(3), torch.zeros(3), 1e-5,

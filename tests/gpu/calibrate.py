@@ -120,7 +120,7 @@ def probes(results):
     dst = torch.empty_like(big)
     results["hbm_bytes_per_s"] = 2 * big.nbytes / min(
         event_time(lambda: dst.copy_(big)) for _ in range(5))
-    del dst
+    dst = None  # free it (the timing lambdas above have run)
     start = time.time()
     mod = load_inline("brn_calibration_probes", cpp_sources=DECLS, cuda_sources=PROBES,
                       functions=["grid_sync", "l2", "chase"],
@@ -138,7 +138,7 @@ def probes(results):
     nxt = torch.empty(n, dtype=torch.int64, device="cuda")
     nxt[perm] = torch.roll(perm, -1)  # one random cycle through every element
     nxt = nxt.to(torch.int32)
-    del perm, big
+    perm = big = None
     hops = 1 << 16
     iout = torch.zeros(1, dtype=torch.int32, device="cuda")
     results["latency_s"] = event_time(lambda: mod.chase(nxt, hops, iout)) / hops
