@@ -1,5 +1,5 @@
 """The compiled ops: loading `_C`, and their fake kernels. Their autograd is registered in C++
-(csrc/batchrenorm_autograd.h), their vmap rules in _autograd.py.
+(csrc/batchrenorm_autograd.h), their vmap rules in _vmap.py.
 
 Importing `_C` runs its TORCH_LIBRARY registrations (csrc/batchrenorm.cpp). When it is missing
 or fails to load, the package works on the pure-PyTorch reference and says so once, here.
@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._autograd import register_vmaps
+from ._vmap import register_vmaps
 from .reference import stat_dtype
 
 from ._loader import load_extension

@@ -5,7 +5,7 @@
 //   csrc/cpu/batchrenorm_cpu.cpp    TORCH_LIBRARY_IMPL(batchrenorm, CPU)
 //   csrc/cuda/batchrenorm_cuda.cpp  TORCH_LIBRARY_IMPL(batchrenorm, CUDA)
 // Autograd: batchrenorm_autograd.h (C++, the Autograd key). The fake kernels and the vmap
-// rules: batchrenorm_cuda/_ops.py and _autograd.py.
+// rules: batchrenorm_cuda/_ops.py and _vmap.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -16,10 +16,25 @@ namespace {
 constexpr char kNamespace[] = "batchrenorm";
 }  // namespace
 
+namespace batchrenorm::cpu {
+const char* kernels_isa();  // csrc/cpu/batchrenorm_cpu.cpp
+}  // namespace batchrenorm::cpu
+
+namespace {
+PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(batchrenorm::cpu::kernels_isa());
+}
+PyMethodDef methods[] = {
+    {"cpu_kernels_isa", cpu_kernels_isa, METH_NOARGS,
+     "The instruction set of the CPU kernels: 'avx2', or 'base' (the portable loops; also "
+     "forced by BATCHRENORM_CPU_ISA=base)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 // Importing batchrenorm_cuda._C runs the static TORCH_LIBRARY registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

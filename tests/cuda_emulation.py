@@ -147,11 +147,11 @@ def load(verbose: bool = False):
         build_directory=out_dir,
         verbose=verbose,
     )
-    import batchrenorm_cuda._autograd as _autograd
+    import batchrenorm_cuda._vmap as _vmap
     import batchrenorm_cuda._ops as _ops
 
     _ops.register_fakes(NAMESPACE)
-    _autograd.register_vmaps(NAMESPACE)
+    _vmap.register_vmaps(NAMESPACE)
     return module
 
 

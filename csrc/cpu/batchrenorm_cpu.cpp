@@ -482,6 +482,10 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
 }
 
 }  // namespace
+
+// The instruction set the CPU kernels run with ("avx2" or "base"), for tests and reports.
+const char* kernels_isa() { return use_avx2() ? "avx2" : "base"; }
+
 }  // namespace cpu
 }  // namespace batchrenorm
 
