@@ -67,6 +67,7 @@ import torch
 import batchrenorm_cuda
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from crossq_report import VARIANTS, summarise, write_markdown, write_plot  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -345,17 +346,6 @@ def run_one(task: Dict) -> Dict:
 # Driver, outputs
 # ---------------------------------------------------------------------------------------------
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _versions() -> Dict[str, str]:
     import gymnasium
     import mujoco
@@ -506,7 +496,7 @@ def main(argv=None) -> Dict:
     summary = summarise(runs, envs, seeds)
     meta = dict(
         started=started, wall_s=wall, load_start=load_start, load_end=os.getloadavg()[0],
-        cpu=_cpu_model(), cores=os.cpu_count(), jobs=args.jobs, torch_threads_per_run=1,
+        cpu=harness.cpu_model_name(), cores=os.cpu_count(), jobs=args.jobs, torch_threads_per_run=1,
         load_during=(dict(samples=len(_LOAD_SAMPLES), min=min(_LOAD_SAMPLES),
                           median=statistics.median(_LOAD_SAMPLES), max=max(_LOAD_SAMPLES))
                      if _LOAD_SAMPLES else None),

@@ -61,3 +61,27 @@ def backend(request):
     request.getfixturevalue("cuda_emulation").set_device(16, 2)
     with fused_ops_namespace("batchrenorm_emulated_cuda"):
         yield "fused"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """load(filename): a script of benchmarks/ imported as a module (benchmarks/ is a folder of
+    scripts, not a package), once per session."""
+    import importlib.util
+    import os
+    import sys
+
+    loaded = {}
+
+    def load(filename: str):
+        if filename not in loaded:
+            path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", filename)
+            name = "benchmark_" + filename[:-3]
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            loaded[filename] = module
+        return loaded[filename]
+
+    return load

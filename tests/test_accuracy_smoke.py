@@ -1,9 +1,6 @@
 """The accuracy experiment (benchmarks/accuracy.py, accuracy_tasks.py): its microbatch wrapper,
 batch samplers, data sets and models, and a smoke run."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
@@ -14,16 +11,9 @@ from batchrenorm_cuda._testing import TOLERANCES
 
 pytest.importorskip("sklearn")
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "accuracy.py")
-
-
 @pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def accuracy(load_benchmark):
+    return load_benchmark("accuracy.py")
 
 
 def _tol(dtype=torch.float32):

@@ -1,10 +1,7 @@
 """benchmarks/crossq_sb3.py (make rl): the recipe that swaps our BatchRenorm1d into
 sb3-contrib's CrossQ, and a smoke run of the benchmark. Skipped without the RL packages
 (make rl-deps installs them)."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
@@ -14,16 +11,9 @@ pytest.importorskip("gymnasium", reason="gymnasium not installed (make rl-deps)"
 
 import batchrenorm_cuda as brn  # noqa: E402
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "crossq_sb3.py")
-
-
 @pytest.fixture(scope="module")
-def crossq():
-    spec = importlib.util.spec_from_file_location("crossq_sb3_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def crossq(load_benchmark):
+    return load_benchmark("crossq_sb3.py")
 
 
 def _model(**kwargs):
