@@ -4,8 +4,11 @@
 # make lint   ruff over the Python sources (pyproject.toml), also run by make test
 # make test-cuda-emulation   build the emulated CUDA kernels and run only their tests
 # make bench  set up .venv, build, run the benchmark on the default device (CUDA if present),
-#             then the module-level one (CPU: BatchRenormNd vs nn.BatchNormNd, 1 and 2 threads),
-#             then gpu-model
+#             then the module-level one (CPU: BatchRenormNd vs nn.BatchNormNd, 1 and 2 threads,
+#             with sb3-contrib's and torchrl's BatchRenorm1d at the RL shapes), then gpu-model
+# make accuracy   BatchNorm vs Batch Renorm (the modules' defaults) and the candidate defaults
+#             on small and non-i.i.d. batches, 5 seeds (benchmarks/results/accuracy.*; about
+#             10 minutes of CPU per core on 2 cores)
 # make rl     CrossQ (sb3-contrib) on Pendulum-v1 and HalfCheetah-v5 with its own BatchRenorm
 #             and with ours swapped in: returns and time per gradient step
 #             (benchmarks/results/crossq.*; about 30 minutes on 2 cores)
