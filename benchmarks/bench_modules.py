@@ -233,7 +233,7 @@ def plot(result, path: Path) -> None:
         if at:
             ax.scatter([v for _, v in at], [i for i, _ in at], marker=marker, color="k", s=14,
                        zorder=3, label=f"{p} / nn.BatchNorm")
-    if result.get("peers"):
+    if ax.get_legend_handles_labels()[0]:  # peers plotted (not in --networks-only runs)
         ax.legend(fontsize=6, loc="lower right")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
