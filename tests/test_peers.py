@@ -2,30 +2,17 @@
 our layer agrees with the reference, and each peer's deviations from it are exactly the ones
 documented. When a peer changes (fixes a bug, changes a default) a test here fails: update the
 README's comparison table and peers.MODELS."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 W, N, C = 4, 128, 16  # warm-up, batch, channels: 3 W steps
 TOL = 1e-5
 
 
-def _peers():
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location("peers", BENCH_DIR / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def peers():
-    return _peers()
+def peers(load_benchmark):
+    return load_benchmark("peers.py")
 
 
 def _run(peers, name):
@@ -112,17 +99,15 @@ def test_peer_adapters_reach_renorm_phase(peers):
             assert int(counter) // m.warmup_steps == 1
 
 
-def test_bench_modules_times_peers_and_skips_missing_ones(tmp_path, monkeypatch):
+def test_bench_modules_times_peers_and_skips_missing_ones(tmp_path, monkeypatch,
+                                                        load_benchmark):
     # bench_modules.py with one RL shape: the importable peers get ratio columns and their
     # versions in the JSON; a peer that does not import is reported and skipped, no crash.
     import json
 
     import torch
 
-    _peers()  # puts benchmarks/ on sys.path
-    spec = importlib.util.spec_from_file_location("bench_modules", BENCH_DIR / "bench_modules.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_modules.py")
     monkeypatch.setattr(bench, "QUICK", ("rl 256x64",))
     monkeypatch.setitem(bench.peers.PEERS, "missing",
                         dict(bench.peers.PEERS["torchrl"], module="no_such_module_xyz"))
