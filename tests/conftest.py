@@ -72,10 +72,13 @@ def load_benchmark():
     import sys
 
     loaded = {}
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks")
+    if folder not in sys.path:  # the scripts import each other (harness, networks, peers)
+        sys.path.insert(0, folder)
 
     def load(filename: str):
         if filename not in loaded:
-            path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", filename)
+            path = os.path.join(folder, filename)
             name = "benchmark_" + filename[:-3]
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)

@@ -1,8 +1,6 @@
 """The benchmark script runs end to end (--smoke, CPU, in-process) and writes the documented
 results schema. Performance itself is not tested."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +11,6 @@ import batchrenorm_cuda
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _load(name):
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 TOP_KEYS = {"device", "torch", "cuda", "csrc_tree", "threads", "copy_gbps", "timestamp",
             "rows", "loadavg_start", "loadavg_end", "skipped", "errors"}
 ROW_KEYS = {"shape", "layout", "dtype", "impl", "mode", "device_ms", "wall_ms", "gbps",
@@ -29,8 +18,8 @@ ROW_KEYS = {"shape", "layout", "dtype", "impl", "mode", "device_ms", "wall_ms", 
 
 
 @pytest.fixture(scope="module")
-def smoke_result(tmp_path_factory):
-    bench = _load("bench_batchrenorm")
+def smoke_result(tmp_path_factory, load_benchmark):
+    bench = load_benchmark("bench_batchrenorm.py")
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     threads = torch.get_num_threads()
     try:
@@ -89,8 +78,8 @@ def test_summary_ratios_against_native(smoke_result):
         assert float(best) <= float(gmean) <= float(worst.split()[0])
 
 
-def test_harness_quantiles_and_bytes():
-    harness = _load("harness")
+def test_harness_quantiles_and_bytes(load_benchmark):
+    harness = load_benchmark("harness.py")
     t = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert t.median_ms == 3.0 and t.p20_ms < 3.0 < t.p80_ms and t.reps == 5
     assert harness.minimal_bytes(10, 2, "fwd+bwd") == 100
@@ -100,8 +89,8 @@ def test_harness_quantiles_and_bytes():
     assert harness.paired_ratio({"device_ms": 1.0}, {"device_ms": 2.0}) is None
 
 
-def test_module_benchmark_runs_and_writes_its_results(tmp_path):
-    bench = _load("bench_modules")
+def test_module_benchmark_runs_and_writes_its_results(tmp_path, load_benchmark):
+    bench = load_benchmark("bench_modules.py")
     out = tmp_path / "modules.json"
     threads = torch.get_num_threads()
     try:
@@ -116,10 +105,10 @@ def test_module_benchmark_runs_and_writes_its_results(tmp_path):
     assert "1t eager geomean" in result["summary"]
 
 
-def test_whole_networks_train_eager():
+def test_whole_networks_train_eager(load_benchmark):
     # bench_modules.py --networks: every network's BatchRenorm variant really is converted and
     # takes a finite training step (the timed step is exactly this callable).
-    networks = _load("networks")
+    networks = load_benchmark("networks.py")
     for name in networks.NETWORKS:
         steps = networks.training_steps(name, compiled=False)
         for label, step in steps.items():

@@ -8,10 +8,8 @@ Every case runs under the in-order schedule only (the other emulated tests cover
 BRN_TRAFFIC_ALL=1 runs every ResNet-50 shape at N <= 8 and every RL shape;
 benchmarks/gpu_model.py counts all of them and N up to 32.
 """
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -170,13 +168,9 @@ def test_dynamic_shared_memory_beyond_48_kib_needs_the_opt_in(h100):
     assert torch.equal(out[:32], torch.full((32,), 800.0))
 
 
-def test_gpu_model_runs_end_to_end_and_writes_the_documented_record(h100, tmp_path):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "benchmarks", "gpu_model.py")
-    spec = importlib.util.spec_from_file_location("gpu_model", path)
-    gpu_model = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_model"] = gpu_model  # its dataclass looks itself up there
-    spec.loader.exec_module(gpu_model)
+def test_gpu_model_runs_end_to_end_and_writes_the_documented_record(h100, tmp_path,
+                                                                    load_benchmark):
+    gpu_model = load_benchmark("gpu_model.py")
     gpu_model.main(["--smoke", "--jobs", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "gpu_model_h100_smoke.json").read_text())
     assert len(rows) == 6 and {r["op"] for r in rows} == {"forward_train", "backward"}
