@@ -108,16 +108,6 @@ FULL = dict(seeds=(0, 1, 2, 3, 4), evals=10, steps=None)
 SMOKE = dict(seeds=(0,), evals=2, steps=20)
 
 
-def schedule_for(steps: int, momentum: Optional[float], warmup_windows: float,
-                 ramps: bool = True) -> Dict[str, int]:
-    """brn.schedule_for (the paper's schedule scaled to the run, the warm-up >= warmup_windows
-    averaging windows); ramps=False switches the final bounds on when the warm-up ends."""
-    schedule = brn.schedule_for(steps, momentum, warmup_windows)
-    if not ramps:
-        schedule.update(r_max_ramp_steps=0, d_max_ramp_steps=0)
-    return schedule
-
-
 _DATA_CACHE: Dict[str, tuple] = {}
 
 
@@ -144,8 +134,14 @@ def configuration(variant: str) -> dict:
 
 
 def schedule_of(variant: str, steps: int) -> Dict[str, int]:
-    c = configuration(variant)  # a Batch Renorm variant
-    return schedule_for(steps, c["momentum"], c["warmup_windows"], c["ramps"])
+    """A Batch Renorm variant's schedule: brn.schedule_for (the paper's, scaled to the run, the
+    warm-up >= warmup_windows averaging windows); ramps=False switches the final bounds on when
+    the warm-up ends."""
+    c = configuration(variant)
+    schedule = brn.schedule_for(steps, c["momentum"], c["warmup_windows"])
+    if not c["ramps"]:
+        schedule.update(r_max_ramp_steps=0, d_max_ramp_steps=0)
+    return schedule
 
 
 def schedules_of(steps: Dict[str, int], variants: Sequence[str]) -> dict:

@@ -85,6 +85,23 @@ def _input(shape, layout: str) -> torch.Tensor:
     return x.requires_grad_()
 
 
+def _record(row: Dict[str, object], timings: Dict[str, dict]) -> None:
+    """Each timed implementation's median and quantiles (or its error) into the row, and
+    brn / bn. The ratio is the median of the per-round ratios: a block's time is mostly its
+    matmul, whose time on a shared VM moves by +-25 % between rounds; pairing the two calls of
+    each round cancels that. ratio_of_medians is the plain brn_ms / bn_ms."""
+    for label, t in timings.items():
+        if "error" in t:
+            row[f"{label}_error"] = t["error"]
+        else:
+            row[f"{label}_ms"], row[f"{label}_p20_ms"], row[f"{label}_p80_ms"] = (
+                t["device_ms"], t["p20_ms"], t["p80_ms"])
+            row["reps"] = t["reps"]
+    if "brn_ms" in row and "bn_ms" in row:
+        row["ratio"] = harness.paired_ratio(timings["brn"], timings["bn"])
+        row["ratio_of_medians"] = row["brn_ms"] / row["bn_ms"]
+
+
 def run_case(name, shape, layout, kind, compiled: bool, cfg, peer_names=()) -> Dict[str, object]:
     renorm, bn = _models(shape, kind)
     if layout == "channels_last":
@@ -112,19 +129,7 @@ def run_case(name, shape, layout, kind, compiled: bool, cfg, peer_names=()) -> D
             row[f"{label}_error"] = repr(error)
     grad = torch.randn_like(renorm(x))
     timings = harness.measure_many(entries, grad, "fwd+bwd", cfg)
-    for label, t in timings.items():
-        if "error" in t:
-            row[f"{label}_error"] = t["error"]
-        else:
-            row[f"{label}_ms"], row[f"{label}_p20_ms"], row[f"{label}_p80_ms"] = (
-                t["device_ms"], t["p20_ms"], t["p80_ms"])
-            row["reps"] = t["reps"]
-    if "brn_ms" in row and "bn_ms" in row:
-        # The median of the per-round ratios: a block's time is mostly its matmul, whose time
-        # on a shared VM moves by +-25 % between rounds; pairing the two calls of each round
-        # cancels that. ratio_of_medians is the plain brn_ms / bn_ms.
-        row["ratio"] = harness.paired_ratio(timings["brn"], timings["bn"])
-        row["ratio_of_medians"] = row["brn_ms"] / row["bn_ms"]
+    _record(row, timings)
     for label in peer_names:
         if f"{label}_ms" in row and "bn_ms" in row:  # peer / nn.BatchNorm1d, peer / ours
             row[f"{label}_ratio"] = harness.paired_ratio(timings[label], timings["bn"])
@@ -144,16 +149,7 @@ def run_network(name: str, compiled: bool, cfg) -> Dict[str, object]:
     timings = harness.measure_many(entries, torch.empty(0), "fwd", cfg)
     row = dict(case=name, shape=[], layout="", kind="network",
                mode="compiled" if compiled else "eager")
-    for label, t in timings.items():
-        if "error" in t:
-            row[f"{label}_error"] = t["error"]
-        else:
-            row[f"{label}_ms"], row[f"{label}_p20_ms"], row[f"{label}_p80_ms"] = (
-                t["device_ms"], t["p20_ms"], t["p80_ms"])
-            row["reps"] = t["reps"]
-    if "brn_ms" in row and "bn_ms" in row:
-        row["ratio"] = harness.paired_ratio(timings["brn"], timings["bn"])
-        row["ratio_of_medians"] = row["brn_ms"] / row["bn_ms"]
+    _record(row, timings)
     return row
 
 
