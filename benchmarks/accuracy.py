@@ -99,6 +99,10 @@ VARIANTS: Dict[str, dict] = {
     # Round 2: the warm-up spans >= 3 averaging windows (3 / momentum steps), ramps after it.
     "brn_warmup3w": dict(layer="brn", momentum=0.01, warmup_windows=3),
     "brn_warmup3w_noramp": dict(layer="brn", momentum=0.01, warmup_windows=3, ramps=False),
+    # Round 3: which correction costs the i.i.d. ResNet, r or d? (bn_limit: neither, a control)
+    "brn_bn_limit": dict(layer="brn", momentum=0.01, warmup_windows=3, r_max=1.0, d_max=0.0),
+    "brn_r_only": dict(layer="brn", momentum=0.01, warmup_windows=3, d_max=0.0),
+    "brn_d_only": dict(layer="brn", momentum=0.01, warmup_windows=3, r_max=1.0),
 }
 CANDIDATES = tuple(v for v in VARIANTS if v.startswith("brn_"))
 R_MAX, D_MAX = 3.0, 5.0
@@ -130,7 +134,8 @@ def configuration(variant: str) -> dict:
         return config
     windows = inspect.signature(brn.schedule_for).parameters["warmup_windows"].default
     return dict(config, warmup_windows=v.get("warmup_windows", windows),
-                ramps=v.get("ramps", True))
+                ramps=v.get("ramps", True), r_max=v.get("r_max", R_MAX),
+                d_max=v.get("d_max", D_MAX))
 
 
 def schedule_of(variant: str, steps: int) -> Dict[str, int]:
@@ -163,7 +168,7 @@ def runs_of(variants: Sequence[str]) -> Dict[str, List[str]]:
 def make_model(dataset: str, variant: str, setting: str, steps: int) -> nn.Module:
     exp, config = EXPERIMENTS[dataset], configuration(variant)
     renorm = ({} if config["layer"] == "bn" else
-              dict(r_max=R_MAX, d_max=D_MAX, **schedule_of(variant, steps)))
+              dict(r_max=config["r_max"], d_max=config["d_max"], **schedule_of(variant, steps)))
     norm = tasks.NormFactory(config["layer"], exp["settings"][setting].get("group"),
                              config["momentum"], renorm)
     x_tr, y_tr, _, _ = data_of(dataset)
