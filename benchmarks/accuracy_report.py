@@ -166,7 +166,8 @@ def markdown(table: dict, extra: dict, meta: dict, setting_labels: Dict[str, str
     lines += [f"Hardware: {meta['machine']}; wall time {meta['wall_seconds']:.0f} s "
               f"(CPU time per worker {meta.get('cpu_seconds_per_worker', float('nan')):.0f} s); "
               f"backend {meta['backend']}; torch {meta['torch']}.",
-              f"Batch Renorm: r_max {meta['r_max']:g}, d_max {meta['d_max']:g}; "
+              f"Batch Renorm: r_max {meta['r_max']:g}, d_max {meta['d_max']:g} (a candidate "
+              f"that names other bounds has them: `meta.variants`); "
               + "; ".join(f"{d}: warm-up {v['warmup_steps']}, r_max reached at "
                           f"{v['warmup_steps'] + v['r_max_ramp_steps']}, d_max at "
                           f"{v['warmup_steps'] + v['d_max_ramp_steps']} steps"
