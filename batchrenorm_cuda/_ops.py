@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._inductor import register_backward_layout
 from ._vmap import register_vmaps
 from .reference import stat_dtype
 
@@ -119,7 +120,8 @@ def register_fakes(namespace: str) -> None:
         return torch.empty_like(input, memory_format=memory_format_of(input))
 
     @torch.library.register_fake(f"{namespace}::backward")
-    def _backward_fake(grad_output, input, weight, mean, invstd, r, d, batch_stats, output_mask):
+    def _backward_fake(grad_output, input, weight, mean, invstd, r, d, train, output_mask):
+        register_backward_layout(getattr(torch.ops, namespace).backward.default)
         _check_devices("backward", input, grad_output=grad_output, weight=weight, mean=mean,
                        invstd=invstd, r=r, d=d)
         grad_input = (torch.empty_like(input, memory_format=memory_format_of(input))

@@ -253,6 +253,11 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default results/modules_cpu_<cpu>.json); .md and .png too")
     args = p.parse_args(argv)
+    # Compile from scratch: Inductor's on-disk caches would serve code compiled by an earlier
+    # build of our ops, since their key does not see a layout constraint registered from Python
+    # (batchrenorm_cuda/_inductor.py).
+    import torch._inductor.config as inductor_config
+    inductor_config.force_disable_caches = True
     device = torch.device("cpu")
     cfg = harness.TimerConfig(rep_ms=args.rep_ms, min_reps=args.min_reps)
     previous = torch.get_num_threads()

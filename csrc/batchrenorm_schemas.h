@@ -11,7 +11,8 @@ inline void define_ops(torch::Library& m) {
   // Every op reads any layout (channels_last in place, other strides through a copy) and gives
   // its outputs the layout memory_format_of(input) says, as the fakes do. flexible_layout lets
   // Inductor pass what it has: without it, a channels_last convolution output (Inductor's
-  // choice on the CPU even in NCHW models) is copied to the eager strides first.
+  // choice on the CPU even in NCHW models) is copied to the eager strides first. All but
+  // backward, whose grad_output has a constraint of its own (below).
   const std::vector<at::Tag> tags = {at::Tag::flexible_layout};
   // One fused training step: batch statistics, clip bounds from the step counter (read on the
   // device), r and d from the pre-update buffers, y = x * scale + shift, then the running
@@ -31,14 +32,19 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
       "Tensor running_var, float eps) -> Tensor", tags);
-  // Backward of both forwards. batch_stats: mean and invstd are the batch's own statistics
-  // (training), so dx gets BatchNorm's centring terms; otherwise they are constants (eval).
+  // Backward of both forwards. train: mean and invstd are the batch's own statistics (a
+  // training step), so dx gets BatchNorm's centring terms; otherwise they are constants (eval).
+  // (The name and meaning of aten::native_batch_norm_backward's `train`.)
   // r and d None mean 1 and 0. output_mask picks (grad_input, grad_weight, grad_bias); an
   // entry that is false comes back as None.
+  // No layout tag: a tag would override the layout constraint that batchrenorm_cuda/_inductor.py
+  // registers with Inductor (grad_output in input's stride order, so that the kernel producing
+  // the gradient writes it in the convolution's channels_last rather than our kernel
+  // converting it). Without that registration Inductor applies its default for custom ops.
   m.def(
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-      "Tensor? r, Tensor? d, bool batch_stats, bool[3] output_mask) "
-      "-> (Tensor?, Tensor?, Tensor?)", tags);
+      "Tensor? r, Tensor? d, bool train, bool[3] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?)");
 
   // The building blocks of the fused ops, for SyncBatchRenorm, which merges statistics across
   // processes between them (as nn.SyncBatchNorm uses batch_norm_stats / _elemt / _reduce):

@@ -110,3 +110,67 @@ def test_inductor_passes_its_layout_to_the_ops_without_a_copy():
     assert "batchrenorm.forward_train" in code
     assert "cpp_fused_forward_train" not in code, "a copy kernel feeds forward_train"
     assert_close(y, twin(x), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_backward_gets_grad_output_in_input_layout():
+    """Past the last convolution Inductor keeps the eager (NCHW) strides, while the layer's input,
+    the convolution's output, is channels_last. _inductor.py asks Inductor for grad_output in
+    input's stride order, so the kernel computing it (ReLU's backward) writes it that way, and
+    neither argument is copied. Without the constraint Inductor's default for custom ops (the
+    eager strides) copies the convolution output to NCHW, and grad_input back."""
+    from torch._inductor import config as inductor_config
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class RecordBackward(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.batchrenorm.backward.default:
+                seen.append(args[:2])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                        brn.BatchRenorm2d(8, **SCHEDULE), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    twin = copy.deepcopy(net)
+    x = torch.randn(4, 3, 8, 8)
+    # A graph from the on-disk caches, compiled by an earlier build, would skip the lowering.
+    with inductor_config.patch(force_disable_caches=True):
+        compiled = torch.compile(net, backend="inductor", fullgraph=True)
+        loss = compiled(x).sum()
+        with RecordBackward():
+            loss.backward()
+    (grad_output, input), = seen
+    channels_last = torch.channels_last
+    assert input.is_contiguous(memory_format=channels_last), "the convolution output was copied"
+    assert grad_output.is_contiguous(memory_format=channels_last), \
+        f"grad_output reached batchrenorm::backward with strides {grad_output.stride()}"
+    twin(x).sum().backward()
+    for (n, p), (_, q) in zip(net.named_parameters(), twin.named_parameters()):
+        assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_compiled_backward_with_a_computed_input_matches_eager():
+    """The layer's input computed by a fused pointwise kernel, whose layout Inductor has not
+    fixed when the backward's constraint runs (_inductor.py's first branch), in 2-D and 4-D,
+    with static and dynamic (symbolic strides) shapes."""
+    from torch._inductor import config as inductor_config
+
+    for shape, dynamic in (((16, 6), False), ((4, 6, 5, 5), False), ((4, 6, 5, 5), True)):
+        torch.manual_seed(0)
+        layer = brn.BatchRenorm2d(6, **SCHEDULE) if len(shape) == 4 else \
+            brn.BatchRenorm1d(6, **SCHEDULE)
+        twin = copy.deepcopy(layer)
+        x = torch.randn(shape, requires_grad=True)
+
+        def step(t):
+            return layer(t.relu() * 2).square().sum()
+
+        with inductor_config.patch(force_disable_caches=True):
+            torch.compile(step, backend="inductor", fullgraph=True, dynamic=dynamic)(x).backward()
+        grad = x.grad
+        x.grad = None
+        twin(x.relu() * 2).square().sum().backward()
+        assert_close(grad, x.grad, atol=1e-4, rtol=1e-4, msg=f"{shape}, dynamic={dynamic}")
+        assert_close(layer.weight.grad, twin.weight.grad, atol=1e-4, rtol=1e-4)
