@@ -19,6 +19,21 @@
 
 namespace batchrenorm {
 
+// How every backend's kernels see an input of shape (N, C, *), S the product of the trailing
+// dims, read in place in one of two dense layouts (strides in elements follow from the sizes):
+//  planes (rows == false): element (n, c, s) at (n * C + c) * S + s: NCHW, contiguous; channel c
+//                          is N runs of S values.
+//  rows   (rows == true):  element (n, c, s) at (n * S + s) * C + c: (M, C) with M = N * S and
+//                          the channels innermost: channels_last / channels_last_3d inputs, and
+//                          contiguous inputs without spatial extent (S == 1), the same memory.
+// The glue (batchrenorm_glue.h) makes any other strides contiguous first.
+struct Geometry {
+  int64_t N;
+  int64_t C;
+  int64_t S;
+  bool rows;
+};
+
 // The paper's clip-bound schedule. `step` is num_batches_tracked before this training step.
 // The first warmup_steps steps are plain BatchNorm (r_max = 1, d_max = 0); then each bound
 // ramps linearly to its final value over its ramp length. A ramp of 0 jumps straight to the

@@ -124,7 +124,7 @@ class Call:
         if self.op == "forward_eval":
             return dict(eps=1e-3)
         if self.op == "backward":
-            return dict(batch_stats=rng.random() < 0.5,
+            return dict(train=rng.random() < 0.5,
                         output_mask=[rng.random() < 0.7 for _ in range(3)])
         return {}
 
@@ -184,7 +184,7 @@ class Call:
             key = rng.choice(list(self.scalars))
             if key == "output_mask":
                 self.scalars[key] = rng.choice(([True, True], [True] * 4, [], [False] * 3))
-            elif key == "batch_stats":
+            elif key == "train":
                 self.scalars[key] = not self.scalars[key]
             else:
                 self.scalars[key] = rng.choice((0.0, -1.0, float("nan"), float("inf"), 1e300,
@@ -305,7 +305,7 @@ def expected(call: Call) -> Tuple[Any, Dict[str, torch.Tensor]]:
     mask = s["output_mask"]
     if len(mask) != 3:
         raise RuntimeError("output_mask")
-    if s["batch_stats"]:
+    if s["train"]:
         # The schema's contract: mean is the batch's own (rounded) mean, and the kernels recover
         # the exact one from sum(x - mean), so xhat is centred on the batch mean of x.
         xhat = (xs - xs.mean(dims).view(shape)) * a["invstd"].view(shape)
@@ -314,7 +314,7 @@ def expected(call: Call) -> Tuple[Any, Dict[str, torch.Tensor]]:
                for k in ("weight", "r", "d"))
     sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
     k = (w * r * a["invstd"]).view(shape)
-    if s["batch_stats"]:
+    if s["train"]:
         dx = k * (dy - (sum_dy / m).view(shape) - xhat * (sum_dy_xhat / m).view(shape))
     else:
         dx = k * dy

@@ -10,11 +10,8 @@
 // the glue allocates that from the caching allocator and calls launch_*() with the same plan.
 // Every launcher launches exactly one kernel on params.stream and returns its cudaError_t.
 //
-// Tensors are seen as (N, C, S), S the product of the trailing dims, in one of two dense
-// layouts (strides in elements follow from the sizes):
-//   channels_last == false: element (n, c, s) at (n * C + c) * S + s    (NCHW, contiguous)
-//   channels_last == true:  element (n, c, s) at (n * S + s) * C + c    (NHWC, channels_last;
-//                           also a contiguous (N, C) input, whose S is 1: "rows")
+// Tensors are seen as (N, C, S) in one of the two dense layouts of batchrenorm.h's Geometry:
+// planes (NCHW) or rows (NHWC, channels_last, and a contiguous (N, C) input, whose S is 1).
 // Per-channel tensors (weight, bias, buffers, statistics) are float, or double for double
 // input ("stat type"), contiguous, of length C.
 //
@@ -45,12 +42,6 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-struct Layout {
-  int64_t N;
-  int64_t C;
-  int64_t S;
-  bool channels_last;
-};
 
 // forward_train (train == true): y, and mean / invstd / r / d (length C), from x; updates
 // running_mean / running_var (both or neither: nullptr = no running statistics, r = 1, d = 0)
@@ -60,7 +51,7 @@ struct Layout {
 // training field unused.
 struct StatsParams {
   DType dtype;
-  Layout layout;
+  Geometry layout;
   bool train;
   const void* x;
   void* y;
@@ -90,7 +81,7 @@ struct StatsParams {
 // backward_reduce (reduce_only == true): sum_dy = sum(dy), sum_dy_xhat = sum(dy * xhat).
 struct GradParams {
   DType dtype;
-  Layout layout;
+  Geometry layout;
   bool reduce_only;
   bool through_stats;
   const void* dy;
@@ -119,7 +110,7 @@ enum class ElementwiseMode : int { kEval = 0, kNormalize = 1, kBackwardInput = 2
 
 struct ElementwiseParams {
   DType dtype;
-  Layout layout;
+  Geometry layout;
   ElementwiseMode mode;
   const void* x;   // unused by kScaleGrad
   const void* dy;  // kBackwardInput, kScaleGrad

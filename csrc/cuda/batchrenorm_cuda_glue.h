@@ -1,8 +1,8 @@
 // batchrenorm_cuda_glue.h: the CUDA glue of every `batchrenorm` op, torch-facing but free of the
-// CUDA runtime: argument checks naming the argument (batchrenorm_checks.h), the input's canonical
-// layout (as batchrenorm_cuda._ops.memory_format_of and the CPU glue), outputs allocated in that
-// layout, the argument structs of batchrenorm_cuda.h filled, the workspace queried and
-// allocated, and one launcher call per kernel.
+// CUDA runtime: argument checks naming the argument (batchrenorm_checks.h), the input's layout
+// and outputs allocated in it (batchrenorm_glue.h, shared with the CPU glue), the argument
+// structs of batchrenorm_cuda.h filled, the workspace queried and allocated, and one launcher
+// call per kernel.
 //
 // It is a template over a runtime RT, so that one copy of this logic serves two backends:
 //   csrc/cuda/batchrenorm_cuda.cpp              CUDA tensors on a GPU (device guard, current
@@ -31,39 +31,13 @@
 
 #include "batchrenorm.h"
 #include "batchrenorm_checks.h"
+#include "batchrenorm_glue.h"
 #include "cuda/batchrenorm_cuda.h"
 
 namespace batchrenorm {
 namespace cuda {
 
 using at::Tensor;
-
-// ---------------------------------------------------------------------------------------------
-// Layout.
-
-struct Canonical {
-  Tensor x;  // input, dense in `format`
-  at::MemoryFormat format;
-  Layout layout;
-};
-
-// Contiguous inputs without spatial extent (S == 1) are read as channels-last rows: the same
-// memory, and the layout that vectorises along C.
-inline Canonical canonical(const Tensor& input) {
-  Canonical c;
-  c.format = memory_format_of(input);
-  c.x = input.contiguous(c.format);
-  c.layout.N = input.size(0);
-  c.layout.C = input.size(1);
-  c.layout.S = 1;
-  for (int64_t i = 2; i < input.dim(); ++i) c.layout.S *= input.size(i);
-  c.layout.channels_last = c.format != at::MemoryFormat::Contiguous || c.layout.S == 1;
-  return c;
-}
-
-inline Tensor empty_output(const Tensor& input, const Canonical& c) {
-  return at::empty(input.sizes(), input.options().memory_format(c.format));
-}
 
 inline DType dtype_of(const Tensor& x) {
   switch (x.scalar_type()) {
@@ -91,10 +65,6 @@ inline const void* ptr_or_null(const std::optional<Tensor>& t, Tensor* keep) {
   return keep->data_ptr();
 }
 
-inline std::optional<Tensor> optional(const Tensor& t) {
-  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
-}
-
 inline Tensor workspace(const Tensor& like, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
@@ -118,19 +88,20 @@ struct Glue {
     const bool has_running = flags.has_running, has_step = flags.has_step;
 
     const typename RT::Guard guard(input.device());
-    const Canonical c = canonical(input);
-    check_training_count(op, c.layout.N * c.layout.S, input);
-    Tensor output = empty_output(input, c);
+    InputLayout g;
+    const Tensor x = canonical(input, &g);
+    check_training_count(op, g.count(), input);
+    Tensor output = empty_output(input, g);
     Tensor save_mean = per_channel_empty(input), save_invstd = per_channel_empty(input);
     Tensor save_r = per_channel_empty(input), save_d = per_channel_empty(input);
-    if (c.layout.C == 0) return {output, save_mean, save_invstd, save_r, save_d};
+    if (g.C == 0) return {output, save_mean, save_invstd, save_r, save_d};
 
     Tensor w, b, rm, rv;
     StatsParams a{};
     a.dtype = dtype_of(input);
-    a.layout = c.layout;
+    a.layout = g;
     a.train = true;
-    a.x = c.x.data_ptr();
+    a.x = x.data_ptr();
     a.y = output.data_ptr();
     a.weight = ptr_or_null(weight, &w);
     a.bias = ptr_or_null(bias, &b);
@@ -175,16 +146,17 @@ struct Glue {
     check_forward_eval(op, input, RT::kDevice, weight, bias, running_mean, running_var, eps);
 
     const typename RT::Guard guard(input.device());
-    const Canonical c = canonical(input);
-    Tensor output = empty_output(input, c);
+    InputLayout g;
+    const Tensor x = canonical(input, &g);
+    Tensor output = empty_output(input, g);
     if (input.numel() == 0) return output;
     Tensor w, b;
     const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
     ElementwiseParams a{};
     a.dtype = dtype_of(input);
-    a.layout = c.layout;
+    a.layout = g;
     a.mode = ElementwiseMode::kEval;
-    a.x = c.x.data_ptr();
+    a.x = x.data_ptr();
     a.out = output.data_ptr();
     a.p[0] = rm.data_ptr();
     a.p[1] = rv.data_ptr();
@@ -196,20 +168,20 @@ struct Glue {
     return output;
   }
 
-  // Masked-out gradients are None, as the schema says (Tensor?), not undefined tensors.
   static std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>> backward(const Tensor& grad_output, const Tensor& input,
                                               const std::optional<Tensor>& weight,
                                               const Tensor& mean, const Tensor& invstd,
                                               const std::optional<Tensor>& r,
-                                              const std::optional<Tensor>& d, bool batch_stats,
+                                              const std::optional<Tensor>& d, bool train,
                                               std::array<bool, 3> output_mask) {
     constexpr const char* op = "batchrenorm::backward";
     check_backward(op, grad_output, input, RT::kDevice, weight, mean, invstd, r, d);
 
     const typename RT::Guard guard(input.device());
-    const Canonical c = canonical(input);
+    InputLayout g;
+    const Tensor x = canonical(input, &g);
     Tensor grad_input, grad_weight, grad_bias;
-    if (output_mask[0]) grad_input = empty_output(input, c);
+    if (output_mask[0]) grad_input = empty_output(input, g);
     if (input.numel() == 0) {
       // Sums over no values.
       if (output_mask[1]) grad_weight = at::zeros({input.size(1)}, mean.options());
@@ -218,18 +190,18 @@ struct Glue {
     }
     if (output_mask[1]) grad_weight = per_channel_empty(input);
     if (output_mask[2]) grad_bias = per_channel_empty(input);
-    const Tensor dy = grad_output.contiguous(c.format);
+    const Tensor dy = match_layout(grad_output, g);
     Tensor w, rk, dk;
     const Tensor mk = mean.contiguous(), ik = invstd.contiguous();
     const cudaStream_t stream = RT::stream();
-    const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && batch_stats);
+    const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && train);
 
     if (!need_sums) {
       if (!output_mask[0]) return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
       // Constant statistics and only dx: dx = dy * weight * r * invstd, one elementwise pass.
       ElementwiseParams a{};
       a.dtype = dtype_of(input);
-      a.layout = c.layout;
+      a.layout = g;
       a.mode = ElementwiseMode::kScaleGrad;
       a.dy = dy.data_ptr();
       a.out = grad_input.data_ptr();
@@ -243,15 +215,15 @@ struct Glue {
 
     GradParams a{};
     a.dtype = dtype_of(input);
-    a.layout = c.layout;
+    a.layout = g;
     a.dy = dy.data_ptr();
-    a.x = c.x.data_ptr();
+    a.x = x.data_ptr();
     a.weight = ptr_or_null(weight, &w);
     a.mean = mk.data_ptr();
     a.invstd = ik.data_ptr();
     a.r = ptr_or_null(r, &rk);
     a.d = ptr_or_null(d, &dk);
-    a.through_stats = batch_stats;
+    a.through_stats = train;
     a.dx = output_mask[0] ? grad_input.data_ptr() : nullptr;
     a.grad_weight = output_mask[1] ? grad_weight.data_ptr() : nullptr;
     a.grad_bias = output_mask[2] ? grad_bias.data_ptr() : nullptr;
@@ -269,15 +241,16 @@ struct Glue {
     constexpr const char* op = "batchrenorm::batch_stats";
     check_input(op, input, RT::kDevice);
     const typename RT::Guard guard(input.device());
-    const Canonical c = canonical(input);
-    check_stats_count(op, c.layout.N * c.layout.S, input);
+    InputLayout g;
+    const Tensor x = canonical(input, &g);
+    check_stats_count(op, g.count(), input);
     Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
-    if (c.layout.C == 0) return {mean, m2};
+    if (g.C == 0) return {mean, m2};
     StatsParams a{};
     a.dtype = dtype_of(input);
-    a.layout = c.layout;
+    a.layout = g;
     a.train = false;
-    a.x = c.x.data_ptr();
+    a.x = x.data_ptr();
     a.mean = mean.data_ptr();
     a.m2 = m2.data_ptr();
     a.stream = RT::stream();
@@ -293,15 +266,16 @@ struct Glue {
     constexpr const char* op = "batchrenorm::normalize";
     check_normalize(op, input, RT::kDevice, scale, shift);
     const typename RT::Guard guard(input.device());
-    const Canonical c = canonical(input);
-    Tensor output = empty_output(input, c);
+    InputLayout g;
+    const Tensor x = canonical(input, &g);
+    Tensor output = empty_output(input, g);
     if (input.numel() == 0) return output;
     const Tensor sk = scale.contiguous(), hk = shift.contiguous();
     ElementwiseParams a{};
     a.dtype = dtype_of(input);
-    a.layout = c.layout;
+    a.layout = g;
     a.mode = ElementwiseMode::kNormalize;
-    a.x = c.x.data_ptr();
+    a.x = x.data_ptr();
     a.out = output.data_ptr();
     a.p[0] = sk.data_ptr();
     a.p[1] = hk.data_ptr();
@@ -315,19 +289,20 @@ struct Glue {
     constexpr const char* op = "batchrenorm::backward_reduce";
     check_backward_reduce(op, grad_output, input, RT::kDevice, mean, invstd);
     const typename RT::Guard guard(input.device());
-    const Canonical c = canonical(input);
+    InputLayout g;
+    const Tensor x = canonical(input, &g);
     if (input.numel() == 0) {
       return {at::zeros({input.size(1)}, mean.options()), at::zeros({input.size(1)}, mean.options())};
     }
     Tensor sum_dy = per_channel_empty(input), sum_dy_xhat = per_channel_empty(input);
-    const Tensor dy = grad_output.contiguous(c.format);
+    const Tensor dy = match_layout(grad_output, g);
     const Tensor mk = mean.contiguous(), ik = invstd.contiguous();
     GradParams a{};
     a.dtype = dtype_of(input);
-    a.layout = c.layout;
+    a.layout = g;
     a.reduce_only = true;
     a.dy = dy.data_ptr();
-    a.x = c.x.data_ptr();
+    a.x = x.data_ptr();
     a.mean = mk.data_ptr();
     a.invstd = ik.data_ptr();
     a.sum_dy = sum_dy.data_ptr();
@@ -349,17 +324,18 @@ struct Glue {
     check_backward_input(op, grad_output, input, RT::kDevice, mean, invstd, scale, mean_dy,
                          mean_dy_xhat);
     const typename RT::Guard guard(input.device());
-    const Canonical c = canonical(input);
-    Tensor grad_input = empty_output(input, c);
+    InputLayout g;
+    const Tensor x = canonical(input, &g);
+    Tensor grad_input = empty_output(input, g);
     if (input.numel() == 0) return grad_input;
-    const Tensor dy = grad_output.contiguous(c.format);
+    const Tensor dy = match_layout(grad_output, g);
     const Tensor p0 = mean.contiguous(), p1 = invstd.contiguous(), p2 = scale.contiguous();
     const Tensor p3 = mean_dy.contiguous(), p4 = mean_dy_xhat.contiguous();
     ElementwiseParams a{};
     a.dtype = dtype_of(input);
-    a.layout = c.layout;
+    a.layout = g;
     a.mode = ElementwiseMode::kBackwardInput;
-    a.x = c.x.data_ptr();
+    a.x = x.data_ptr();
     a.dy = dy.data_ptr();
     a.out = grad_input.data_ptr();
     a.p[0] = p0.data_ptr();

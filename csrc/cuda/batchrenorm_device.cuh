@@ -156,9 +156,9 @@ __device__ __forceinline__ void chan_merge(acc_t& mean_a, acc_t& m2_a, acc_t& n_
 // output needs: an fp32 mean of values near 1e4 is off by ~5e-4, i.e. 5% of a 1e-2 standard
 // deviation.
 template <typename T>
-__device__ __forceinline__ typename AccOf<T>::type channel_shift(const T* x, const Layout& L,
+__device__ __forceinline__ typename AccOf<T>::type channel_shift(const T* x, const Geometry& L,
                                                                  int64_t c) {
-  return to_acc(load_global(x + (L.channels_last ? c : c * L.S)));
+  return to_acc(load_global(x + (L.rows ? c : c * L.S)));
 }
 
 // The clip bounds and the running-average factor of this step, from the device-side counter.

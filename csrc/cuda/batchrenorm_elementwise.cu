@@ -1,6 +1,7 @@
 // batchrenorm_elementwise.cu: the elementwise ops (forward_eval, normalize, backward_input, and
-// backward without reductions), one launch each: out = (x - m) * a + bb * dy + e with
-// per-channel coefficients (channel_coeffs).
+// backward without reductions), one launch each: out = (x - m) * a + dy * k + b with
+// per-channel coefficients (channel_coeffs), the letters of the CPU kernels and the streaming
+// backward: a scales the centred x, k scales dy, b is the constant.
 #include "cuda/batchrenorm_device.cuh"
 
 namespace batchrenorm {
@@ -15,39 +16,39 @@ struct ElementwisePlan {
   bool table;  // coefficients tabulated in shared memory (4 * C * sizeof(acc_t) bytes)
 };
 
-// Per-channel coefficients of out = (x - m) * a + bb * dy + e.
+// Per-channel coefficients of out = (x - m) * a + dy * k + b.
 template <typename acc_t>
 __device__ __forceinline__ void channel_coeffs(const ElementwiseParams& p, int64_t c, acc_t& m,
-                                               acc_t& a, acc_t& bb, acc_t& e) {
+                                               acc_t& a, acc_t& k, acc_t& b) {
   const auto at = [&](int i) { return load_global_ro(static_cast<const acc_t*>(p.p[i]) + c); };
   switch (p.mode) {
     case ElementwiseMode::kEval: {
       const acc_t invstd = acc_t(1) / sqrt(at(1) + static_cast<acc_t>(p.eps));
       m = at(0);
       a = load_or(p.p[2], c, acc_t(1)) * invstd;
-      bb = acc_t(0);
-      e = load_or(p.p[3], c, acc_t(0));
+      k = acc_t(0);
+      b = load_or(p.p[3], c, acc_t(0));
       break;
     }
     case ElementwiseMode::kNormalize:
       m = acc_t(0);
       a = at(0);
-      bb = acc_t(0);
-      e = at(1);
+      k = acc_t(0);
+      b = at(1);
       break;
     case ElementwiseMode::kBackwardInput: {
       const acc_t scale = at(2);
       m = at(0);
       a = -scale * at(1) * at(4);
-      bb = scale;
-      e = -scale * at(3);
+      k = scale;
+      b = -scale * at(3);
       break;
     }
     default:  // kScaleGrad
       m = acc_t(0);
       a = acc_t(0);
-      bb = load_or(p.p[0], c, acc_t(1)) * load_or(p.p[1], c, acc_t(1)) * at(2);
-      e = acc_t(0);
+      k = load_or(p.p[0], c, acc_t(1)) * load_or(p.p[1], c, acc_t(1)) * at(2);
+      b = acc_t(0);
       break;
   }
 }
@@ -65,10 +66,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int64_t C = p.layout.C;
   acc_t* tm = reinterpret_cast<acc_t*>(batchrenorm_dynamic_smem);
   acc_t* ta = tm + C;
-  acc_t* tb = ta + C;
-  acc_t* te = tb + C;
+  acc_t* tk = ta + C;
+  acc_t* tb = tk + C;
   if (plan.table) {
-    for (int64_t c = threadIdx.x; c < C; c += kThreads) channel_coeffs(p, c, tm[c], ta[c], tb[c], te[c]);
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) channel_coeffs(p, c, tm[c], ta[c], tk[c], tb[c]);
     __syncthreads();
   }
   const T* x = static_cast<const T*>(p.x);
@@ -88,29 +89,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const int64_t row = div_floor(index, p.layout.S, plan.inv_s);
       c0 = row - div_floor(row, C, plan.inv_c) * C;
     }
-    acc_t m[R], a[R], bb[R], e[R];
+    acc_t m[R], a[R], k[R], b[R];
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const int64_t c = c0 + k;
+    for (int j = 0; j < R; ++j) {
+      const int64_t c = c0 + j;
       if (plan.table) {
-        m[k] = tm[c];
-        a[k] = ta[c];
-        bb[k] = tb[c];
-        e[k] = te[c];
+        m[j] = tm[c];
+        a[j] = ta[c];
+        k[j] = tk[c];
+        b[j] = tb[c];
       } else {
-        channel_coeffs(p, c, m[k], a[k], bb[k], e[k]);
+        channel_coeffs(p, c, m[j], a[j], k[j], b[j]);
       }
     }
     Vec<T, V> xv, gv, o;
     if (uses_x) xv = load_vec<T, V>(x, index);
     if (uses_dy) gv = load_vec<T, V>(dy, index);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int kk = NHWC ? k : 0;
-      acc_t val = e[kk];
-      if (uses_x) val += (to_acc(xv.v[k]) - m[kk]) * a[kk];
-      if (uses_dy) val += bb[kk] * to_acc(gv.v[k]);
-      o.v[k] = from_acc<T>(val);
+    for (int j = 0; j < V; ++j) {
+      const int jj = NHWC ? j : 0;
+      acc_t val = b[jj];
+      if (uses_x) val += (to_acc(xv.v[j]) - m[jj]) * a[jj];
+      if (uses_dy) val += k[jj] * to_acc(gv.v[j]);
+      o.v[j] = from_acc<T>(val);
     }
     store_vec<T, V>(out, index, o);
   }
@@ -144,7 +145,7 @@ cudaError_t launch_elementwise(const ElementwiseParams& p) {
 template <typename T>
 cudaError_t launch_elementwise_typed(const ElementwiseParams& p, bool vectorize) {
   constexpr int V = vec_width<T>();
-  if (p.layout.channels_last) {
+  if (p.layout.rows) {
     return vectorize ? launch_elementwise<T, V, true>(p) : launch_elementwise<T, 1, true>(p);
   }
   return vectorize ? launch_elementwise<T, V, false>(p) : launch_elementwise<T, 1, false>(p);

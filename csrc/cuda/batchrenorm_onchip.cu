@@ -37,10 +37,10 @@ struct Pair {
   Vec<T, V> x;
 };
 
-// Where this thread sits: its team, its place along the reduced axis (ty of TY) and across
+// ThreadPlace: where this thread sits: its team, its place along the reduced axis (ty of TY) and across
 // vector columns (tx of TX, NHWC), its unit (channel group x slice).
 template <bool NHWC>
-struct Geometry {
+struct ThreadPlace {
   int team, slot0;  // slot0: the first shared-memory slot of this thread's channels
   int tx, ty, TY;
   bool leader;  // loads and stores this thread's channels' per-channel values
@@ -48,7 +48,7 @@ struct Geometry {
   bool active;  // c0 is a channel of the tensor
   int64_t begin, end;  // items of this slice along the reduced axis
 
-  __device__ __forceinline__ Geometry(const Layout& L, const LaunchPlan& plan) {
+  __device__ __forceinline__ ThreadPlace(const Geometry& L, const LaunchPlan& plan) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int64_t unit;
     if (NHWC) {
@@ -83,7 +83,7 @@ struct Geometry {
 
 // Element index of the item at position a (a vector of V values along S, or a row's V channels).
 template <int V, bool NHWC>
-__device__ __forceinline__ int64_t item_index(const Layout& L, int64_t a, int64_t c0, int64_t sv,
+__device__ __forceinline__ int64_t item_index(const Geometry& L, int64_t a, int64_t c0, int64_t sv,
                                               double inv_sv) {
   if (NHWC) return a * L.C + c0;
   const int64_t n = div_floor(a, sv, inv_sv);
@@ -95,7 +95,7 @@ __device__ __forceinline__ int64_t item_index(const Layout& L, int64_t a, int64_
 // 0 and the team is team_warps warps. sm holds kWarps x kTileChannels x 3 values.
 template <bool NHWC, int R, typename acc_t>
 __device__ __forceinline__ void team_sum(acc_t (&v)[R], const LaunchPlan& plan,
-                                         const Geometry<NHWC>& g, acc_t* sm) {
+                                         const ThreadPlace<NHWC>& g, acc_t* sm) {
   const int TX = NHWC ? plan.tx : 1;
 #pragma unroll
   for (int offset = 16; offset >= 1; offset /= 2) {
@@ -140,7 +140,7 @@ struct Tile {
   // store per item would keep one load per thread in flight).
   static constexpr int kSpillBatch = 4;
   template <bool NHWC, typename Load>
-  __device__ __forceinline__ void load_all(const Geometry<NHWC>& g, Load&& load) {
+  __device__ __forceinline__ void load_all(const ThreadPlace<NHWC>& g, Load&& load) {
 #pragma unroll
     for (int i = 0; i < KR; ++i) {
       if (i < items) {
@@ -165,7 +165,7 @@ struct Tile {
   // f(i, item&) for every item i < items this thread holds at a valid position. The register
   // part is unrolled (registers cannot be indexed at run time).
   template <bool NHWC, typename F>
-  __device__ __forceinline__ void for_each(const Geometry<NHWC>& g, F&& f) {
+  __device__ __forceinline__ void for_each(const ThreadPlace<NHWC>& g, F&& f) {
 #pragma unroll
     for (int i = 0; i < KR; ++i) {
       if (i < items) {
@@ -205,8 +205,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   __shared__ OutputCoeffs<acc_t> sm_coef[kTileChannels];
   __shared__ Running<acc_t> sm_running[kTileChannels];
 
-  const Layout& L = p.layout;
-  const Geometry<NHWC> g(L, plan);
+  const Geometry& L = p.layout;
+  const ThreadPlace<NHWC> g(L, plan);
   const T* x = static_cast<const T*>(p.x);
   const int64_t sv = L.S / V;
   const double inv_sv = sv > 0 ? 1.0 / static_cast<double>(sv) : 0.0;
@@ -348,8 +348,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   __shared__ acc_t sm_mean[kTileChannels];
   __shared__ GradCoeffs<acc_t> sm_coef[kTileChannels];
 
-  const Layout& L = p.layout;
-  const Geometry<NHWC> g(L, plan);
+  const Geometry& L = p.layout;
+  const ThreadPlace<NHWC> g(L, plan);
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   const int64_t sv = L.S / V;
@@ -484,7 +484,7 @@ cudaError_t launch_params(const Params& p, const LaunchPlan& plan, void* workspa
   Params params = p;
   LaunchPlan pl = plan;
   void* args[] = {&params, &pl, &workspace};
-  return launch(Kernels<T, Grad>::pick(plan.vec, p.layout.channels_last), plan, args, p.stream);
+  return launch(Kernels<T, Grad>::pick(plan.vec, p.layout.rows), plan, args, p.stream);
 }
 
 // Kernels above the default 48 KiB of dynamic shared memory must opt in first, also for the

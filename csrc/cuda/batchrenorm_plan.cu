@@ -151,20 +151,20 @@ bool aligned16(const void* ptr) {
 // The 16-byte vector path applies when the vectorised dimension is a multiple of V and every
 // element pointer is 16-byte aligned (then so is every vector).
 template <typename T>
-int vec_for(const Layout& L, const void* a, const void* b, const void* c) {
+int vec_for(const Geometry& L, const void* a, const void* b, const void* c) {
   constexpr int V = vec_width<T>();
-  const int64_t inner = L.channels_last ? L.C : L.S;
+  const int64_t inner = L.rows ? L.C : L.S;
   return inner % V == 0 && aligned16(a) && aligned16(b) && aligned16(c) ? V : 1;
 }
 
 // The on-chip regimes; *fits false when the tensor does not fit on chip.
 template <typename T>
-cudaError_t plan_onchip(const Layout& L, int vec, bool grad, const DeviceInfo& dev,
+cudaError_t plan_onchip(const Geometry& L, int vec, bool grad, const DeviceInfo& dev,
                         LaunchPlan* plan, bool* fits) {
   *fits = false;
   const int item_bytes = static_cast<int>(sizeof(T)) * vec * (grad ? 2 : 1);
   const int64_t KR = register_items(
-      item_bytes, register_tile_bytes(static_cast<int>(sizeof(T)), vec, L.channels_last));
+      item_bytes, register_tile_bytes(static_cast<int>(sizeof(T)), vec, L.rows));
   const int64_t smem_items =
       dev.smem_per_block > static_cast<int>(kOnchipStaticSmem)
           ? (dev.smem_per_block - static_cast<int64_t>(kOnchipStaticSmem)) / (kThreads * item_bytes)
@@ -173,7 +173,7 @@ cudaError_t plan_onchip(const Layout& L, int vec, bool grad, const DeviceInfo& d
   const auto shared_for = [&](int64_t items) {
     return static_cast<size_t>(std::max<int64_t>(0, items - KR)) * kThreads * item_bytes;
   };
-  const bool nhwc = L.channels_last;
+  const bool nhwc = L.rows;
   const int64_t M = L.N * L.S;
   LaunchPlan base{};
   base.vec = vec;
@@ -274,8 +274,8 @@ cudaError_t plan_onchip(const Layout& L, int vec, bool grad, const DeviceInfo& d
 }
 
 template <typename T>
-cudaError_t plan_streaming(const Layout& L, int vec, bool grad, LaunchPlan* plan) {
-  const bool nhwc = L.channels_last;
+cudaError_t plan_streaming(const Geometry& L, int vec, bool grad, LaunchPlan* plan) {
+  const bool nhwc = L.rows;
   int64_t max_grid = 0;
   cudaError_t err = resident_ctas(
       kernel_key<T>(true, grad, vec, nhwc), 0,
@@ -317,7 +317,7 @@ cudaError_t plan_streaming(const Layout& L, int vec, bool grad, LaunchPlan* plan
 }
 
 template <typename acc_t>
-size_t workspace_of(const LaunchPlan& plan, const Layout& L, bool grad) {
+size_t workspace_of(const LaunchPlan& plan, const Geometry& L, bool grad) {
   if (plan.regime == Regime::kResident) return 0;
   if (plan.regime == Regime::kPersistent) {
     return static_cast<size_t>((grad ? 3 : 2) * plan.splits * L.C) * sizeof(acc_t);
@@ -329,7 +329,7 @@ size_t workspace_of(const LaunchPlan& plan, const Layout& L, bool grad) {
 // Only forward_train and backward keep their tensors on chip: batch_stats and backward_reduce
 // write no tensor, so one streaming pass already reads their input once.
 template <typename T>
-cudaError_t plan_typed(const Layout& L, int vec, bool grad, bool writes_tensor, LaunchPlan* plan) {
+cudaError_t plan_typed(const Geometry& L, int vec, bool grad, bool writes_tensor, LaunchPlan* plan) {
   *plan = LaunchPlan{};
   DeviceInfo dev;
   cudaError_t err = device_info(&dev);

@@ -48,7 +48,7 @@ struct Shape {
   double inv_m;
   int64_t sv;  // NCHW: vectors per (n, c) row, S / V
   double inv_sv;
-  __device__ __forceinline__ Shape(const Layout& L, int V) {
+  __device__ __forceinline__ Shape(const Geometry& L, int V) {
     C = L.C;
     S = L.S;
     M = L.N * L.S;
@@ -488,7 +488,7 @@ cudaError_t launch(const Params& p, const LaunchPlan& plan, void* workspace) {
   Params params = p;
   LaunchPlan pl = plan;
   void* args[] = {&params, &pl, &workspace};
-  return cudaLaunchCooperativeKernel(Kernels<T, Grad>::pick(plan.vec, p.layout.channels_last),
+  return cudaLaunchCooperativeKernel(Kernels<T, Grad>::pick(plan.vec, p.layout.rows),
                                      dim3(plan.grid), dim3(kThreads), args, 0, p.stream);
 }
 
