@@ -82,6 +82,9 @@ LAYOUT_CASES = fused_cases.LAYOUT_CASES + [
     ((3, 16, 7, 7), "channels_last"),
     ((3, 12, 5, 5), "channels_last"),
     ((5, 8, 1, 1), "contiguous"),
+    # NCHW with >= 8 channels: the CPU's one-pass training backward (grad_planes_fused).
+    ((3, 9, 5, 6), "contiguous"),
+    ((2, 8, 3, 4, 5), "contiguous"),
 ]
 
 BIG_CASES = [
@@ -424,8 +427,8 @@ def test_poisoned_allocations_catch_an_unwritten_output(backend):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_no_poison_survives(fmt, backend):
-    shape = (3, 7, 9, 11)
+@pytest.mark.parametrize("shape", [(3, 7, 9, 11), (3, 9, 9, 11)])  # CPU: 2-pass, fused backward
+def test_no_poison_survives(fmt, shape, backend):
     samples = _op_samples(backend.device, torch.float32, fmt, shape)
     for name, args in samples.items():
         if name == "forward_train":

@@ -59,12 +59,13 @@ def test_deterministic_with_threads(shape, fmt):
         torch.set_num_threads(threads)
 
 
-def test_thread_count_does_not_change_results():
+@pytest.mark.parametrize("shape", [(2, 3, 300, 200), (8, 16, 20, 20)])  # 2-pass, fused backward
+def test_thread_count_does_not_change_results(shape):
     # The reductions' work partition has fixed sizes: one thread or two give the same bits.
-    x = torch.randn(2, 3, 300, 200) * 3 + 1
+    x = torch.randn(shape) * 3 + 1
     g = torch.randn_like(x)
     threads = torch.get_num_threads()
-    base = _State(3, torch.float32)
+    base = _State(shape[1], torch.float32)
     runs = []
     try:
         for n in (1, 2):

@@ -1,11 +1,8 @@
 // batchrenorm_cpu.cpp: the CPU kernels of the `batchrenorm` ops (TORCH_LIBRARY_IMPL(CPU)).
 //
-// Layouts. Every input is seen as one of two canonical layouts, read in place:
-//  - planes: (N, C, S) contiguous, S = prod(spatial) > 1; channel c is N runs of S values.
-//  - rows:   (M, C) with the channels innermost: channels_last / channels_last_3d inputs
-//            (M = N * spatial) and contiguous inputs without spatial extent (S == 1).
-// Other strides are made contiguous first. Outputs keep the input's memory format, as
-// batchrenorm_cuda._ops.memory_format_of says.
+// Layouts. Every input is seen as one of the two layouts of batchrenorm.h's Geometry, planes
+// (NCHW) or rows (channels innermost), read in place (batchrenorm_glue.h, shared with the CUDA
+// glue); outputs keep the input's memory format.
 //
 // Numerics. Statistics are gathered chunk by chunk: a chunk (a few KiB, so it stays in L1) is
 // summed once for a provisional mean, then summed again centred on it, and the chunk's exact
@@ -37,6 +34,7 @@
 
 #include "batchrenorm.h"
 #include "batchrenorm_checks.h"
+#include "batchrenorm_glue.h"
 #include "cpu/batchrenorm_cpu_kernels.h"
 
 namespace batchrenorm {
@@ -46,29 +44,6 @@ namespace {
 using at::Tensor;
 
 constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
-
-// ---------------------------------------------------------------------------------------------
-// Canonical layout of an input.
-
-// The kernels' Geometry plus the memory format the outputs take.
-struct Layout : Geometry {
-  at::MemoryFormat format = at::MemoryFormat::Contiguous;
-  int64_t count() const { return N * S; }  // values per channel
-};
-
-// `x` in a layout the kernels read in place (a copy only for other strides).
-Tensor canonical(const Tensor& x, Layout* g) {
-  g->format = memory_format_of(x);
-  g->N = x.size(0);
-  g->C = x.size(1);
-  g->S = 1;
-  for (int64_t i = 2; i < x.dim(); ++i) g->S *= x.size(i);
-  g->rows = g->format != at::MemoryFormat::Contiguous || g->S == 1;
-  return x.contiguous(g->format);
-}
-
-// grad_output in the same layout as the (canonical) input, whatever layout it arrived in.
-Tensor match_layout(const Tensor& dy, const Layout& g) { return dy.contiguous(g.format); }
 
 // ---------------------------------------------------------------------------------------------
 // Per-channel values (argument checks: batchrenorm_checks.h, shared with the CUDA glue).
@@ -140,7 +115,7 @@ template <typename acc_t>
 struct CoeffArrays {  // per channel, in acc_t: m, a, b, k of Form, in one allocation
   std::vector<acc_t> storage;
   acc_t *m, *a, *b, *k;
-  // kGrad: every channel has |m * invstd| <= 16, so the centre may be folded into k (set by
+  // kGrad: every channel has |m * invstd| <= 16, so the centre may be folded into b (set by
   // the caller, which knows invstd).
   bool fold_grad = false;
   explicit CoeffArrays(int64_t C)
@@ -170,25 +145,21 @@ void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Geometry&
       c.b = folded.data();
     }
   }
-  // rows layout, gradient pass: dx = dy * a + x * b + (k - m * b). |x * b| stays within
-  // |m * invstd| <= 16 times |k_dx * mean(dy * xhat)| <= |k_dx| * rms(dy), the output's scale,
-  // so the fold costs at most ~16 ulp of it.
+  // rows layout, gradient pass: dx = dy * k + x * a + (b - m * a). |x * a| stays within
+  // |m * invstd| <= 16 times |k * mean(dy * xhat)| <= |k| * rms(dy), the output's scale, so
+  // the fold costs at most ~16 ulp of it.
   if (kForm == Form::kGrad && g.rows && co.fold_grad) {
     folded.resize(g.C);
     for (int64_t i = 0; i < g.C; ++i)
-      folded[i] = static_cast<acc_t>(static_cast<double>(co.k[i]) -
-                                     static_cast<double>(co.m[i]) * static_cast<double>(co.b[i]));
+      folded[i] = static_cast<acc_t>(static_cast<double>(co.b[i]) -
+                                     static_cast<double>(co.m[i]) * static_cast<double>(co.a[i]));
     c.m = nullptr;
-    c.k = folded.data();
+    c.b = folded.data();
   }
   const scalar_t* px = kForm == Form::kScale ? nullptr : x.data_ptr<scalar_t>();
   const scalar_t* pg = kForm == Form::kAffine ? nullptr : dy.data_ptr<scalar_t>();
   scalar_t* po = out.data_ptr<scalar_t>();
   BRN_CALL_KERNEL(elementwise<scalar_t, kForm>(po, px, pg, g, c));
-}
-
-Tensor empty_output(const Tensor& x, const Layout& g) {
-  return at::empty(x.sizes(), x.options().memory_format(g.format));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,7 +177,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
                                              eps, r_max, d_max);
   const bool has_running = flags.has_running, has_step = flags.has_step;
 
-  Layout g;
+  InputLayout g;
   const Tensor x = canonical(input, &g);
   const int64_t count = g.count();
   check_training_count(op, count, input);
@@ -293,7 +264,7 @@ Tensor forward_eval(const Tensor& input, const std::optional<Tensor>& weight,
                     const Tensor& running_var, double eps) {
   constexpr const char* op = "batchrenorm::forward_eval";
   check_forward_eval(op, input, kDevice, weight, bias, running_mean, running_var, eps);
-  Layout g;
+  InputLayout g;
   const Tensor x = canonical(input, &g);
   Tensor output = empty_output(input, g);
   const int64_t C = g.C;
@@ -314,22 +285,77 @@ Tensor forward_eval(const Tensor& input, const std::optional<Tensor>& weight,
   return output;
 }
 
+// Per channel, from its GradSums: the saved mean's residue (with the batch's own statistics,
+// sum(x - mean) recovers the float64 mean's residue that the rounded mean lost:
+// mean_true = mean + sum(x - mean) / count) and sum(dy * xhat), in float64. inv_count is
+// 1 / count, or 0 when there are no values or no batch statistics (then the residue is 0).
+struct ChannelGrad {
+  double residue;
+  double sum_dy_xhat;
+};
+inline ChannelGrad channel_grad(const GradSums& s, double invstd, double inv_count) {
+  const double residue = s.xc * inv_count;
+  return {residue, invstd * (s.dy_xc - residue * s.dy)};
+}
+
+template <typename acc_t>
+struct GradContext {
+  const ChannelView<acc_t>& weight;
+  const ChannelView<acc_t>& mean;
+  const ChannelView<acc_t>& invstd;
+  const ChannelView<acc_t>& r;
+  double inv_count;  // 1 / count when training on a non-empty batch, else 0
+};
+
+// backward's coefficients of channel c (Form): dx = dy * k + (x - m) * a + b, i.e.
+// dx = k * (dy - mean_dy - xhat * mean_dy_xhat) with xhat = (x - mean - residue) * invstd and
+// k = weight * r * invstd when training, dx = k * dy otherwise (a = b = 0). Called once per
+// channel, in the fused kernel's loop too: multiplications by 1 / count, no divisions.
+template <typename acc_t>
+void grad_coeffs(const void* context, int64_t c, const GradSums& s, acc_t* m, acc_t* a, acc_t* b,
+                 acc_t* k) {
+  const auto& ctx = *static_cast<const GradContext<acc_t>*>(context);
+  const double inv = static_cast<double>(ctx.invstd[c]);
+  const double scale = static_cast<double>(ctx.weight[c]) * static_cast<double>(ctx.r[c]) * inv;
+  *k = static_cast<acc_t>(scale);
+  *m = acc_t(0);
+  *a = acc_t(0);
+  *b = acc_t(0);
+  if (ctx.inv_count > 0) {
+    const ChannelGrad cg = channel_grad(s, inv, ctx.inv_count);
+    const double mean_dy = s.dy * ctx.inv_count;
+    const double mean_dy_xhat = cg.sum_dy_xhat * ctx.inv_count;
+    *m = ctx.mean[c];
+    *a = static_cast<acc_t>(-scale * inv * mean_dy_xhat);
+    *b = static_cast<acc_t>(-scale * mean_dy + scale * inv * mean_dy_xhat * cg.residue);
+  }
+}
+
+// The fused backward (grad_planes_fused) for NCHW training steps whose channels stay in cache:
+// chosen by shape only, never by thread count, so that the results are the same for any number
+// of threads. At least 8 channels, so that two threads or more share them out.
+inline bool fused_grad_applies(const Geometry& g, bool train) {
+  const int64_t count = g.N * g.S;
+  return train && !g.rows && count > 0 && count <= kFusedGradMaxValues && g.C >= 8;
+}
+
+using OptTensor = std::optional<Tensor>;
 using OptTensor = std::optional<Tensor>;
 
 std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, const Tensor& input,
                                             const std::optional<Tensor>& weight,
                                             const Tensor& mean, const Tensor& invstd,
                                             const std::optional<Tensor>& r,
-                                            const std::optional<Tensor>& d, bool batch_stats,
+                                            const std::optional<Tensor>& d, bool train,
                                             std::array<bool, 3> output_mask) {
   constexpr const char* op = "batchrenorm::backward";
   check_backward(op, grad_output, input, kDevice, weight, mean, invstd, r, d);
-  Layout g;
+  InputLayout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
   const int64_t C = g.C;
   const double count = static_cast<double>(g.count());
-  const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && batch_stats);
+  const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && train);
   Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) grad_input = empty_output(input, g);
   if (output_mask[1]) grad_weight = per_channel_empty(input);
@@ -339,64 +365,56 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
     using acc_t = acc_type<scalar_t>;
     const ChannelView<acc_t> w(weight, 1.0), vm(mean, 0.0), vi(invstd, 1.0), vr(r, 1.0),
         vd(d, 0.0);
+    const double inv_count = train && count > 0 ? 1.0 / count : 0.0;
+    const GradContext<acc_t> ctx{w, vm, vi, vr, inv_count};
+    const GradCoeffFn<acc_t> coeffs{&grad_coeffs<acc_t>, &ctx};
     std::vector<GradSums> sums;
-    if (need_sums) {
+    if (output_mask[0] && fused_grad_applies(g, train)) {
+      // One pass per channel: sums, then dx from cache (grad_planes_fused).
+      sums.resize(C);
+      BRN_CALL_KERNEL(grad_planes_fused<scalar_t>(grad_input.data_ptr<scalar_t>(),
+                                                  dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                  g, vm.data(), coeffs, sums.data()));
+    } else if (need_sums) {
       // With the batch's own statistics, sum(x - mean) recovers the float64 mean's residue
       // that the saved (rounded) mean lost: mean_true = mean + sum(x - mean) / count.
-      sums = batch_stats ? channel_grad_sums<scalar_t, true>(dy, x, g, vm.data())
-                         : channel_grad_sums<scalar_t, false>(dy, x, g, vm.data());
-    }
-    // Per channel: sum(dy * xhat) and the mean's residue, in float64.
-    std::vector<double> sum_dy_xhat(C, 0.0), residue(C, 0.0);
-    if (need_sums) {
-      for (int64_t c = 0; c < C; ++c) {
-        residue[c] = batch_stats && count > 0 ? sums[c].xc / count : 0.0;
-        sum_dy_xhat[c] = static_cast<double>(vi[c]) * (sums[c].dy_xc - residue[c] * sums[c].dy);
-      }
+      sums = train ? channel_grad_sums<scalar_t, true>(dy, x, g, vm.data())
+                   : channel_grad_sums<scalar_t, false>(dy, x, g, vm.data());
     }
     if (output_mask[1]) {
       acc_t* gw = grad_weight.data_ptr<acc_t>();
-      for (int64_t c = 0; c < C; ++c)
-        gw[c] = static_cast<acc_t>(static_cast<double>(vr[c]) * sum_dy_xhat[c] +
+      for (int64_t c = 0; c < C; ++c) {
+        const ChannelGrad cg = channel_grad(sums[c], vi[c], inv_count);
+        gw[c] = static_cast<acc_t>(static_cast<double>(vr[c]) * cg.sum_dy_xhat +
                                    static_cast<double>(vd[c]) * sums[c].dy);
+      }
     }
     if (output_mask[2]) {
       acc_t* gb = grad_bias.data_ptr<acc_t>();
       for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<acc_t>(sums[c].dy);
     }
-    if (output_mask[0]) {
+    if (output_mask[0] && !fused_grad_applies(g, train)) {
       CoeffArrays<acc_t> co(C);
       co.fold_grad = true;
       for (int64_t c = 0; c < C; ++c)
         co.fold_grad = co.fold_grad &&
                        std::abs(static_cast<double>(vm[c]) * static_cast<double>(vi[c])) <= 16.0;
-      for (int64_t c = 0; c < C; ++c) {
-        const double inv = static_cast<double>(vi[c]);
-        const double k = static_cast<double>(w[c]) * static_cast<double>(vr[c]) * inv;
-        co.a[c] = static_cast<acc_t>(k);
-        if (batch_stats && count > 0) {
-          // dx = k * (dy - mean_dy - xhat * mean_dy_xhat), xhat = (x - mean - residue) * invstd
-          const double mean_dy = sums[c].dy / count;
-          const double mean_dy_xhat = sum_dy_xhat[c] / count;
-          co.m[c] = vm[c];
-          co.b[c] = static_cast<acc_t>(-k * inv * mean_dy_xhat);
-          co.k[c] = static_cast<acc_t>(-k * mean_dy + k * inv * mean_dy_xhat * residue[c]);
-        }
-      }
-      if (batch_stats)
+      for (int64_t c = 0; c < C; ++c)
+        grad_coeffs<acc_t>(&ctx, c, train ? sums[c] : GradSums(), &co.m[c], &co.a[c], &co.b[c],
+                           &co.k[c]);
+      if (train)
         elementwise<scalar_t, Form::kGrad>(grad_input, x, dy, g, co);
       else
         elementwise<scalar_t, Form::kScale>(grad_input, x, dy, g, co);
     }
   });
-  auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-  return {opt(grad_input), opt(grad_weight), opt(grad_bias)};
+  return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
 }
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   constexpr const char* op = "batchrenorm::batch_stats";
   check_input(op, input, kDevice);
-  Layout g;
+  InputLayout g;
   const Tensor x = canonical(input, &g);
   check_stats_count(op, g.count(), input);
   Tensor mean = per_channel_empty(input), m2 = per_channel_empty(input);
@@ -416,7 +434,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) {
   constexpr const char* op = "batchrenorm::normalize";
   check_normalize(op, input, kDevice, scale, shift);
-  Layout g;
+  InputLayout g;
   const Tensor x = canonical(input, &g);
   Tensor output = empty_output(input, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_normalize_cpu", [&] {
@@ -436,7 +454,7 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tens
                                            const Tensor& mean, const Tensor& invstd) {
   constexpr const char* op = "batchrenorm::backward_reduce";
   check_backward_reduce(op, grad_output, input, kDevice, mean, invstd);
-  Layout g;
+  InputLayout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
   Tensor sum_dy = per_channel_empty(input), sum_dy_xhat = per_channel_empty(input);
@@ -460,7 +478,7 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
   constexpr const char* op = "batchrenorm::backward_input";
   check_backward_input(op, grad_output, input, kDevice, mean, invstd, scale, mean_dy,
                        mean_dy_xhat);
-  Layout g;
+  InputLayout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
   Tensor grad_input = empty_output(input, g);
@@ -472,9 +490,9 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
     for (int64_t c = 0; c < g.C; ++c) {
       const double s = static_cast<double>(vs[c]);
       co.m[c] = vm[c];
-      co.a[c] = vs[c];
-      co.b[c] = static_cast<acc_t>(-s * static_cast<double>(vi[c]) * static_cast<double>(mdx[c]));
-      co.k[c] = static_cast<acc_t>(-s * static_cast<double>(md[c]));
+      co.k[c] = vs[c];
+      co.a[c] = static_cast<acc_t>(-s * static_cast<double>(vi[c]) * static_cast<double>(mdx[c]));
+      co.b[c] = static_cast<acc_t>(-s * static_cast<double>(md[c]));
     }
     elementwise<scalar_t, Form::kGrad>(grad_input, x, dy, g, co);
   });

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "batchrenorm.h"
+
 namespace batchrenorm {
 namespace cpu {
 
@@ -20,15 +22,7 @@ namespace cpu {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// The two layouts the kernels read in place:
-//  planes (rows == false): (N, C, S) contiguous; channel c is N runs of S values.
-//  rows   (rows == true):  (M, C), M = N * S, channels innermost (channels_last, or S == 1).
-struct Geometry {
-  int64_t N;
-  int64_t C;
-  int64_t S;
-  bool rows;
-};
+// The kernels read the two layouts of batchrenorm.h's Geometry (planes and rows) in place.
 
 struct Moments {  // count, mean, M2 = sum((x - mean)^2), in float64
   double n;
@@ -42,10 +36,11 @@ struct GradSums {  // sum(dy), sum(dy * (x - m)), sum(x - m), in float64
   double xc;
 };
 
-// The elementwise passes, with per-channel coefficients m, a, b, k:
+// The elementwise passes, with per-channel coefficients m, a, b, k, the same letters as the
+// CUDA kernels': a scales the centred x, k scales dy, b is the constant.
 //   kAffine: out = (x - m) * a + b
-//   kGrad:   out = dy * a + (x - m) * b + k
-//   kScale:  out = dy * a
+//   kGrad:   out = dy * k + (x - m) * a + b
+//   kScale:  out = dy * k
 enum class Form { kAffine, kGrad, kScale };
 
 template <typename acc_t>
@@ -55,6 +50,19 @@ struct Coeffs {  // arrays of C values each
   const acc_t* b;
   const acc_t* k;
 };
+
+// The training backward's kGrad coefficients of channel c from its GradSums: the glue's formula
+// (batchrenorm_cpu.cpp, grad_coeffs), handed to the fused kernel as a plain function and context.
+template <typename acc_t>
+struct GradCoeffFn {
+  void (*fn)(const void* ctx, int64_t c, const GradSums& sums, acc_t* m, acc_t* a, acc_t* b,
+             acc_t* k);
+  const void* ctx;
+};
+
+// grad_planes_fused's limit on a channel's values (planes): x and dy of one channel, 512 KiB in
+// float32, stay in L2 (or L3) between the channel's sums and its dx.
+constexpr int64_t kFusedGradMaxValues = 65536;
 
 #define BRN_DECLARE_CPU_KERNELS(isa)                                                          \
   namespace isa {                                                                             \
@@ -68,6 +76,13 @@ struct Coeffs {  // arrays of C values each
   template <typename scalar_t, Form kForm>                                                    \
   void elementwise(scalar_t* out, const scalar_t* x, const scalar_t* dy, const Geometry& g,   \
                    const Coeffs<acc_type<scalar_t>>& co);                                     \
+  /* planes, training backward, N * S <= kFusedGradMaxValues: per channel, in one task, the   \
+     sums of channel_grad_sums<kCentre = true> (into sums[C]), then dx = kGrad from coeffs,     \
+     while the channel is still in cache. */                                                   \
+  template <typename scalar_t>                                                                \
+  void grad_planes_fused(scalar_t* dx, const scalar_t* dy, const scalar_t* x,                 \
+                         const Geometry& g, const acc_type<scalar_t>* m,                      \
+                         GradCoeffFn<acc_type<scalar_t>> coeffs, GradSums* sums);             \
   }
 
 BRN_DECLARE_CPU_KERNELS(base)

@@ -256,6 +256,47 @@ void channel_moments(const scalar_t* px, const Geometry& g, Moments* result) {
     for (int64_t c = 0; c < C; ++c) merge(result[c], partial[rb * C + c].v);
 }
 
+// planes layout, one work item: channel c's values [k0, k1), chunk by chunk, float accumulators
+// flushed into float64 per chunk.
+template <typename scalar_t, bool kCentre>
+__attribute__((always_inline)) inline GradSums plane_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g, int64_t c,
+                         int64_t kb0, int64_t kb1, acc_type<scalar_t> mc) {
+  using acc_t = acc_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t V = aVec::size();
+  const aVec vm(mc);
+  GradSums sums{};
+  for (int64_t k0 = kb0; k0 < kb1; k0 += kPlaneChunk) {
+    const int64_t k1 = std::min(kb1, k0 + kPlaneChunk);
+    aVec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0));
+    acc_t s0 = 0, s1 = 0, s2 = 0;
+    for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
+      const scalar_t* p = px + off;
+      const scalar_t* q = pg + off;
+      int64_t i = 0;
+      for (; i + V <= len; i += V) {
+        const aVec gv = load_acc(q + i);
+        const aVec xc = load_acc(p + i) - vm;
+        a0 += gv;
+        a1 = at::vec::fmadd(gv, xc, a1);
+        if constexpr (kCentre) a2 += xc;
+      }
+      for (; i < len; ++i) {
+        const acc_t gv = static_cast<acc_t>(q[i]);
+        const acc_t xc = static_cast<acc_t>(p[i]) - mc;
+        s0 += gv;
+        s1 += gv * xc;
+        if constexpr (kCentre) s2 += xc;
+      }
+    });
+    sums.dy += static_cast<double>(s0 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a0));
+    sums.dy_xc += static_cast<double>(s1 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a1));
+    if constexpr (kCentre)
+      sums.xc += static_cast<double>(s2 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a2));
+  }
+  return sums;
+}
+
 // Per channel: sum(dy), sum(dy * (x - m)) and, when kCentre, sum(x - m), in float64.
 template <typename scalar_t, bool kCentre>
 void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g,
@@ -273,40 +314,8 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
     at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t c = item / nblocks, b = item % nblocks;
-        const int64_t kb1 = std::min(count, (b + 1) * kPlaneBlock);
-        const acc_t mc = m[c];
-        const aVec vm(mc);
-        GradSums sums{};
-        // float accumulators per chunk, flushed into float64 per chunk.
-        for (int64_t k0 = b * kPlaneBlock; k0 < kb1; k0 += kPlaneChunk) {
-          const int64_t k1 = std::min(kb1, k0 + kPlaneChunk);
-          aVec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0));
-          acc_t s0 = 0, s1 = 0, s2 = 0;
-          for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
-            const scalar_t* p = px + off;
-            const scalar_t* q = pg + off;
-            int64_t i = 0;
-            for (; i + V <= len; i += V) {
-              const aVec gv = load_acc(q + i);
-              const aVec xc = load_acc(p + i) - vm;
-              a0 += gv;
-              a1 = at::vec::fmadd(gv, xc, a1);
-              if constexpr (kCentre) a2 += xc;
-            }
-            for (; i < len; ++i) {
-              const acc_t gv = static_cast<acc_t>(q[i]);
-              const acc_t xc = static_cast<acc_t>(p[i]) - mc;
-              s0 += gv;
-              s1 += gv * xc;
-              if constexpr (kCentre) s2 += xc;
-            }
-          });
-          sums.dy += static_cast<double>(s0 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a0));
-          sums.dy_xc += static_cast<double>(s1 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a1));
-          if constexpr (kCentre)
-            sums.xc += static_cast<double>(s2 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a2));
-        }
-        partial[item].v = sums;
+        partial[item].v = plane_grad_sums<scalar_t, kCentre>(
+            pg, px, g, c, b * kPlaneBlock, std::min(count, (b + 1) * kPlaneBlock), m[c]);
       }
     });
     for (int64_t c = 0; c < C; ++c)
@@ -402,9 +411,9 @@ inline void elementwise_vec(scalar_t* po, const scalar_t* px, const scalar_t* pg
   if constexpr (kForm == Form::kAffine) {
     v = at::vec::fmadd(load_acc(px + i) - m, a, b);
   } else if constexpr (kForm == Form::kGrad) {
-    v = at::vec::fmadd(load_acc(pg + i), a, at::vec::fmadd(load_acc(px + i) - m, b, k));
+    v = at::vec::fmadd(load_acc(pg + i), k, at::vec::fmadd(load_acc(px + i) - m, a, b));
   } else {
-    v = load_acc(pg + i) * a;
+    v = load_acc(pg + i) * k;
   }
   store_acc(po + i, v);
 }
@@ -419,9 +428,9 @@ inline void elementwise_one(scalar_t* po, const scalar_t* px, const scalar_t* pg
   if constexpr (kForm == Form::kAffine) {
     v = (static_cast<acc_t>(px[i]) - m) * a + b;
   } else if constexpr (kForm == Form::kGrad) {
-    v = static_cast<acc_t>(pg[i]) * a + (static_cast<acc_t>(px[i]) - m) * b + k;
+    v = static_cast<acc_t>(pg[i]) * k + (static_cast<acc_t>(px[i]) - m) * a + b;
   } else {
-    v = static_cast<acc_t>(pg[i]) * a;
+    v = static_cast<acc_t>(pg[i]) * k;
   }
   po[i] = static_cast<scalar_t>(v);
 }
@@ -445,7 +454,7 @@ void elementwise_planes(scalar_t* po, const scalar_t* px, const scalar_t* pg, in
 }
 
 // rows layout: rows [begin, end) of C channels. Uncentred (co.m == nullptr, the caller checked
-// the conditioning): kAffine is y = x * a + b, kGrad is dx = dy * a + x * b + k.
+// the conditioning): kAffine is y = x * a + b, kGrad is dx = dy * k + x * a + b.
 template <typename scalar_t, Form kForm, bool kCentred>
 void elementwise_rows(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t C,
                       Coeffs<acc_type<scalar_t>> co, int64_t begin, int64_t end) {
@@ -459,14 +468,16 @@ void elementwise_rows(scalar_t* po, const scalar_t* px, const scalar_t* pg, int6
     for (int64_t j = 0; j < nvec; ++j) {
       const int64_t c = j * V;
       const aVec m = kCentred ? aVec::loadu(co.m + c) : zero;
-      const aVec k = kForm == Form::kGrad ? aVec::loadu(co.k + c) : zero;
+      const aVec a = kForm == Form::kScale ? zero : aVec::loadu(co.a + c);
       const aVec b = kForm == Form::kScale ? zero : aVec::loadu(co.b + c);
-      elementwise_vec<scalar_t, kForm>(po, px, pg, base + c, m, aVec::loadu(co.a + c), b, k);
+      const aVec k = kForm == Form::kAffine ? zero : aVec::loadu(co.k + c);
+      elementwise_vec<scalar_t, kForm>(po, px, pg, base + c, m, a, b, k);
     }
     for (int64_t c = nvec * V; c < C; ++c)
       elementwise_one<scalar_t, kForm>(po, px, pg, base + c, kCentred ? co.m[c] : acc_t(0),
-                                       co.a[c], kForm == Form::kScale ? acc_t(0) : co.b[c],
-                                       kForm == Form::kGrad ? co.k[c] : acc_t(0));
+                                       kForm == Form::kScale ? acc_t(0) : co.a[c],
+                                       kForm == Form::kScale ? acc_t(0) : co.b[c],
+                                       kForm == Form::kAffine ? acc_t(0) : co.k[c]);
   }
 }
 
@@ -491,6 +502,47 @@ void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const Geo
   });
 }
 
+// planes layout, kGrad over one run of values [off, off + len) of one channel. Plain arguments
+// (see the note on the elementwise passes).
+template <typename scalar_t>
+void grad_run(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t off, int64_t len,
+              acc_type<scalar_t> m, acc_type<scalar_t> a, acc_type<scalar_t> b,
+              acc_type<scalar_t> k) {
+  using aVec = Vectorized<acc_type<scalar_t>>;
+  constexpr int64_t V = aVec::size();
+  const aVec vm(m), va(a), vb(b), vk(k);
+  int64_t i = off;
+  const int64_t stop = off + len;
+  for (; i + V <= stop; i += V) elementwise_vec<scalar_t, Form::kGrad>(po, px, pg, i, vm, va, vb, vk);
+  for (; i < stop; ++i) elementwise_one<scalar_t, Form::kGrad>(po, px, pg, i, m, a, b, k);
+}
+
+// Why fused: the two-pass backward (channel_grad_sums, then elementwise) reads x and dy from
+// memory twice once the tensors outgrow the caches; here a channel's dx is written right after
+// its sums, while its N * S <= kFusedGradMaxValues values (<= 512 KiB of x and dy in float32)
+// are still in L2, as ATen's channels-first backward does. The sums are those of
+// plane_grad_sums over the whole channel (chunk by chunk, as channel_grad_sums, but in one
+// float64 accumulator rather than one per work item), and each channel is one task, so the
+// result does not depend on the thread count.
+template <typename scalar_t>
+void grad_planes_fused(scalar_t* po, const scalar_t* pg, const scalar_t* px, const Geometry& g,
+                       const acc_type<scalar_t>* m, GradCoeffFn<acc_type<scalar_t>> coeffs,
+                       GradSums* sums) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t count = g.N * g.S;
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const GradSums s = plane_grad_sums<scalar_t, true>(pg, px, g, c, 0, count, m[c]);
+      sums[c] = s;
+      acc_t cm, ca, cb, ck;
+      coeffs.fn(coeffs.ctx, c, s, &cm, &ca, &cb, &ck);
+      for_each_run(g, c, 0, count, [&](int64_t off, int64_t len) {
+        grad_run<scalar_t>(po, px, pg, off, len, cm, ca, cb, ck);
+      });
+    }
+  });
+}
+
 #define BRN_INSTANTIATE(T)                                                                    \
   template void channel_moments<T>(const T*, const Geometry&, Moments*);                       \
   template void channel_grad_sums<T, true>(const T*, const T*, const Geometry&,                \
@@ -502,7 +554,9 @@ void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const Geo
   template void elementwise<T, Form::kGrad>(T*, const T*, const T*, const Geometry&,           \
                                             const Coeffs<acc_type<T>>&);                       \
   template void elementwise<T, Form::kScale>(T*, const T*, const T*, const Geometry&,          \
-                                             const Coeffs<acc_type<T>>&);
+                                             const Coeffs<acc_type<T>>&);                      \
+  template void grad_planes_fused<T>(T*, const T*, const T*, const Geometry&,                  \
+                                     const acc_type<T>*, GradCoeffFn<acc_type<T>>, GradSums*);
 
 BRN_INSTANTIATE(float)
 BRN_INSTANTIATE(double)
