@@ -127,28 +127,21 @@ void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Geometry&
                  const CoeffArrays<acc_type<scalar_t>>& co) {
   using acc_t = acc_type<scalar_t>;
   Coeffs<acc_t> c{co.m, co.a, co.b, co.k};
-  // rows layout, affine pass: when every channel is well conditioned (|m * a| <= 16, so x * a
-  // stays within 16 of the output's own scale and the fold costs at most ~1e-6 absolute), fold
-  // the centre into the shift, y = x * a + (b - m * a), and the loop loads two coefficient
-  // vectors instead of three (m == nullptr tells it so). Otherwise keep the centred form.
-  std::vector<acc_t> folded;
+  // rows layout: fold the centre into the constant, out = x * a + (b - m * a) (+ dy * k), so
+  // that the loop loads one coefficient vector fewer (m == nullptr tells it so), when every
+  // channel is well conditioned. Affine pass: |m * a| <= 16, so x * a stays within 16 of the
+  // output's own scale and the fold costs at most ~1e-6 absolute. Gradient pass (fold_grad,
+  // set by the caller): |m * invstd| <= 16, so |x * a| stays within 16 times
+  // |k * mean(dy * xhat)| <= |k| * rms(dy), the output's scale: at most ~16 ulp of it.
+  bool fold = false;
   if (kForm == Form::kAffine && g.rows) {
-    bool ok = true;
-    for (int64_t i = 0; i < g.C && ok; ++i)
-      ok = std::abs(static_cast<double>(co.m[i]) * static_cast<double>(co.a[i])) <= 16.0;
-    if (ok) {
-      folded.resize(g.C);
-      for (int64_t i = 0; i < g.C; ++i)
-        folded[i] = static_cast<acc_t>(static_cast<double>(co.b[i]) -
-                                       static_cast<double>(co.m[i]) * static_cast<double>(co.a[i]));
-      c.m = nullptr;
-      c.b = folded.data();
-    }
+    fold = true;
+    for (int64_t i = 0; i < g.C && fold; ++i)
+      fold = std::abs(static_cast<double>(co.m[i]) * static_cast<double>(co.a[i])) <= 16.0;
   }
-  // rows layout, gradient pass: dx = dy * k + x * a + (b - m * a). |x * a| stays within
-  // |m * invstd| <= 16 times |k * mean(dy * xhat)| <= |k| * rms(dy), the output's scale, so
-  // the fold costs at most ~16 ulp of it.
-  if (kForm == Form::kGrad && g.rows && co.fold_grad) {
+  if (kForm == Form::kGrad && g.rows) fold = co.fold_grad;
+  std::vector<acc_t> folded;
+  if (fold) {
     folded.resize(g.C);
     for (int64_t i = 0; i < g.C; ++i)
       folded[i] = static_cast<acc_t>(static_cast<double>(co.b[i]) -
