@@ -31,11 +31,19 @@ _REGISTERED: set = set()
 
 
 def _grad_output_in_input_order(fx_node, *args, **kwargs):
-    del fx_node  # the constraint's signature; the order comes from the lowered input
+    try:
+        return _constrain(*args), kwargs
+    except Exception as e:  # pragma: no cover - depends on Inductor's private API
+        # Inductor's IR helpers differ across torch releases. Without the constraint the op
+        # gets what Inductor has, and the kernel converts grad_output itself: correct, slower.
+        _warn_once(f"could not apply backward's layout constraint ({type(e).__name__}: {e})")
+        return args, kwargs
+
+
+def _constrain(grad_output, input, *rest):
     from torch._inductor import ir
     from torch._inductor.virtualized import V
 
-    grad_output, input, *rest = args
     # Fix input's layout now, as the fallback kernel would next (ExternKernel.process_kernel),
     # so that the order read here is the one the kernel gets. In a backward graph input is a
     # saved activation, whose layout is already fixed.
@@ -45,7 +53,17 @@ def _grad_output_in_input_order(fx_node, *args, **kwargs):
     # Strides may be symbolic (dynamic shapes): the shape environment orders them.
     order = ir.get_stride_order(input.get_stride(), V.graph.sizevars.shape_env)
     grad_output = ir.ExternKernel.require_stride_order(grad_output, order)
-    return (grad_output, input, *rest), kwargs
+    return (grad_output, input, *rest)
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"batchrenorm_cuda: {message}; compiled backward passes may copy "
+                      "grad_output to input's layout", RuntimeWarning, stacklevel=3)
 
 
 def register_backward_layout(op: torch._ops.OpOverload) -> None:
@@ -59,6 +77,5 @@ def register_backward_layout(op: torch._ops.OpOverload) -> None:
 
         make_fallback(op, layout_constraint=_grad_output_in_input_order, warn=False)
     except Exception as e:  # pragma: no cover - depends on Inductor's private API
-        warnings.warn(f"batchrenorm_cuda: could not register {op}'s layout constraint with "
-                      f"Inductor ({type(e).__name__}: {e}); compiled backward passes may copy "
-                      "grad_output to input's layout", RuntimeWarning, stacklevel=2)
+        _warn_once(f"could not register {op}'s layout constraint with Inductor "
+                   f"({type(e).__name__}: {e})")

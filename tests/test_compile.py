@@ -174,3 +174,33 @@ def test_compiled_backward_with_a_computed_input_matches_eager():
         twin(x.relu() * 2).square().sum().backward()
         assert_close(grad, x.grad, atol=1e-4, rtol=1e-4, msg=f"{shape}, dynamic={dynamic}")
         assert_close(layer.weight.grad, twin.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_backward_without_the_layout_constraint_still_matches(monkeypatch):
+    """Inductor's IR helpers differ across torch releases: if the constraint fails, it warns
+    once and leaves the layouts to Inductor; the kernel converts them, and the gradients are
+    the same."""
+    import warnings
+
+    from torch._inductor import config as inductor_config
+
+    from batchrenorm_cuda import _inductor
+
+    def broken(*args):
+        raise AttributeError("an Inductor helper that moved")
+
+    monkeypatch.setattr(_inductor, "_constrain", broken)
+    monkeypatch.setattr(_inductor, "_WARNED", set())
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                        brn.BatchRenorm2d(8, **SCHEDULE), nn.ReLU(), nn.Flatten())
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 3, 6, 6)
+    with inductor_config.patch(force_disable_caches=True), warnings.catch_warnings(record=True) \
+            as caught:
+        warnings.simplefilter("always")
+        torch.compile(net, backend="inductor", fullgraph=True)(x).square().sum().backward()
+    assert any("could not apply backward's layout constraint" in str(w.message) for w in caught)
+    twin(x).square().sum().backward()
+    for (n, p), (_, q) in zip(net.named_parameters(), twin.named_parameters()):
+        assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)
