@@ -1,0 +1,194 @@
+// batchrenorm_cpu_kernels_grad.h: the CPU gradient kernels (the per-channel sums of the
+// backward, and the one-pass NCHW training backward), compiled once per instruction set.
+//
+// Part of batchrenorm_cpu_kernels_impl.h, which includes it after the helpers and the
+// elementwise passes these loops use (load_acc, for_each_run, the work partition, add,
+// elementwise_vec / _one), and before the explicit instantiations; not to be included alone.
+#pragma once
+
+#ifndef BRN_CPU_ISA
+#error "included by batchrenorm_cpu_kernels_impl.h only"
+#endif
+
+namespace batchrenorm {
+namespace cpu {
+namespace BRN_CPU_ISA {
+
+// planes layout, one work item: channel c's values [k0, k1), chunk by chunk, float accumulators
+// flushed into float64 per chunk.
+template <typename scalar_t, bool kCentre>
+__attribute__((always_inline)) inline GradSums plane_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g, int64_t c,
+                         int64_t kb0, int64_t kb1, acc_type<scalar_t> mc) {
+  using acc_t = acc_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t V = aVec::size();
+  const aVec vm(mc);
+  GradSums sums{};
+  for (int64_t k0 = kb0; k0 < kb1; k0 += kPlaneChunk) {
+    const int64_t k1 = std::min(kb1, k0 + kPlaneChunk);
+    aVec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0));
+    acc_t s0 = 0, s1 = 0, s2 = 0;
+    for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
+      const scalar_t* p = px + off;
+      const scalar_t* q = pg + off;
+      int64_t i = 0;
+      for (; i + V <= len; i += V) {
+        const aVec gv = load_acc(q + i);
+        const aVec xc = load_acc(p + i) - vm;
+        a0 += gv;
+        a1 = at::vec::fmadd(gv, xc, a1);
+        if constexpr (kCentre) a2 += xc;
+      }
+      for (; i < len; ++i) {
+        const acc_t gv = static_cast<acc_t>(q[i]);
+        const acc_t xc = static_cast<acc_t>(p[i]) - mc;
+        s0 += gv;
+        s1 += gv * xc;
+        if constexpr (kCentre) s2 += xc;
+      }
+    });
+    sums.dy += static_cast<double>(s0 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a0));
+    sums.dy_xc += static_cast<double>(s1 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a1));
+    if constexpr (kCentre)
+      sums.xc += static_cast<double>(s2 + at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), a2));
+  }
+  return sums;
+}
+
+// Per channel: sum(dy), sum(dy * (x - m)) and, when kCentre, sum(x - m), in float64.
+template <typename scalar_t, bool kCentre>
+void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g,
+                       const acc_type<scalar_t>* m, GradSums* result) {
+  using acc_t = acc_type<scalar_t>;
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t V = aVec::size();
+  const int64_t C = g.C, count = g.N * g.S;
+  for (int64_t c = 0; c < C; ++c) result[c] = GradSums();
+  if (count == 0) return;
+
+  if (!g.rows) {
+    const int64_t nblocks = (count + kPlaneBlock - 1) / kPlaneBlock;
+    std::vector<Slot<GradSums>> partial(C * nblocks);
+    at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t c = item / nblocks, b = item % nblocks;
+        partial[item].v = plane_grad_sums<scalar_t, kCentre>(
+            pg, px, g, c, b * kPlaneBlock, std::min(count, (b + 1) * kPlaneBlock), m[c]);
+      }
+    });
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t b = 0; b < nblocks; ++b) add(result[c], partial[c * nblocks + b].v);
+    return;
+  }
+
+  const int64_t M = count;
+  const int64_t nrb = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t cblock = rows_channel_block(C, nrb, V);
+  const int64_t ncb = (C + cblock - 1) / cblock;
+  std::vector<Slot<GradSums>> partial(nrb * C);
+  at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
+    // Local copies: the accumulator stores below are may_alias (see elementwise), and would
+    // make the compiler reload pointers it reached through the lambda's references.
+    const scalar_t* const px_ = px;
+    const scalar_t* const pg_ = pg;
+    const acc_t* const m_ = m;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t rb = item / ncb, cb = item % ncb;
+      const int64_t c0 = cb * cblock, c1 = std::min(C, c0 + cblock);
+      const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
+      Slot<GradSums>* out = partial.data() + rb * C;
+      const int64_t nvec = (c1 - c0) / V;
+      std::vector<acc_t> acc(3 * V * std::max<int64_t>(nvec, 1));
+      for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
+        const int64_t r1 = std::min(r_end, r0 + kRowChunk);
+        // Row by row over the item's channels (sequential memory), float accumulators in L1.
+        for (int64_t j = 0; j < nvec; ++j) {
+          aVec(acc_t(0)).store(acc.data() + 3 * j * V);
+          aVec(acc_t(0)).store(acc.data() + (3 * j + 1) * V);
+          aVec(acc_t(0)).store(acc.data() + (3 * j + 2) * V);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* p = px_ + r * C + c0;
+          const scalar_t* q = pg_ + r * C + c0;
+          acc_t* A = acc.data();
+          for (int64_t j = 0; j < nvec; ++j, A += 3 * V) {
+            const aVec gv = load_acc(q + j * V);
+            const aVec xc = load_acc(p + j * V) - aVec::loadu(m_ + c0 + j * V);
+            (aVec::loadu(A) + gv).store(A);
+            at::vec::fmadd(gv, xc, aVec::loadu(A + V)).store(A + V);
+            if constexpr (kCentre) (aVec::loadu(A + 2 * V) + xc).store(A + 2 * V);
+          }
+        }
+        for (int64_t j = 0; j < nvec; ++j) {
+          const acc_t* A = acc.data() + 3 * j * V;
+          for (int64_t l = 0; l < V; ++l) {
+            GradSums& o = out[c0 + j * V + l].v;
+            o.dy += A[l];
+            o.dy_xc += A[V + l];
+            if constexpr (kCentre) o.xc += A[2 * V + l];
+          }
+        }
+        for (int64_t c = c0 + nvec * V; c < c1; ++c) {
+          acc_t s0 = 0, s1 = 0, s2 = 0;
+          for (int64_t r = r0; r < r1; ++r) {
+            const acc_t gv = static_cast<acc_t>(pg_[r * C + c]);
+            const acc_t xc = static_cast<acc_t>(px_[r * C + c]) - m_[c];
+            s0 += gv;
+            s1 += gv * xc;
+            if constexpr (kCentre) s2 += xc;
+          }
+          out[c].v.dy += s0;
+          out[c].v.dy_xc += s1;
+          if constexpr (kCentre) out[c].v.xc += s2;
+        }
+      }
+    }
+  });
+  for (int64_t rb = 0; rb < nrb; ++rb)
+    for (int64_t c = 0; c < C; ++c) add(result[c], partial[rb * C + c].v);
+}
+
+// planes layout, kGrad over one run of values [off, off + len) of one channel. Plain arguments
+// (see the note on the elementwise passes).
+template <typename scalar_t>
+void grad_run(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t off, int64_t len,
+              acc_type<scalar_t> m, acc_type<scalar_t> a, acc_type<scalar_t> b,
+              acc_type<scalar_t> k) {
+  using aVec = Vectorized<acc_type<scalar_t>>;
+  constexpr int64_t V = aVec::size();
+  const aVec vm(m), va(a), vb(b), vk(k);
+  int64_t i = off;
+  const int64_t stop = off + len;
+  for (; i + V <= stop; i += V) elementwise_vec<scalar_t, Form::kGrad>(po, px, pg, i, vm, va, vb, vk);
+  for (; i < stop; ++i) elementwise_one<scalar_t, Form::kGrad>(po, px, pg, i, m, a, b, k);
+}
+
+// Why fused: the two-pass backward (channel_grad_sums, then elementwise) reads x and dy from
+// memory twice once the tensors outgrow the caches; here a channel's dx is written right after
+// its sums, while its N * S <= kFusedGradMaxValues values (<= 512 KiB of x and dy in float32)
+// are still in L2, as ATen's channels-first backward does. The sums are those of
+// plane_grad_sums over the whole channel (chunk by chunk, as channel_grad_sums, but in one
+// float64 accumulator rather than one per work item), and each channel is one task, so the
+// result does not depend on the thread count.
+template <typename scalar_t>
+void grad_planes_fused(scalar_t* po, const scalar_t* pg, const scalar_t* px, const Geometry& g,
+                       const acc_type<scalar_t>* m, GradCoeffFn<acc_type<scalar_t>> coeffs,
+                       GradSums* sums) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t count = g.N * g.S;
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const GradSums s = plane_grad_sums<scalar_t, true>(pg, px, g, c, 0, count, m[c]);
+      sums[c] = s;
+      acc_t cm, ca, cb, ck;
+      coeffs.fn(coeffs.ctx, c, s, &cm, &ca, &cb, &ck);
+      for_each_run(g, c, 0, count, [&](int64_t off, int64_t len) {
+        grad_run<scalar_t>(po, px, pg, off, len, cm, ca, cb, ck);
+      });
+    }
+  });
+}
+
+}  // namespace BRN_CPU_ISA
+}  // namespace cpu
+}  // namespace batchrenorm
