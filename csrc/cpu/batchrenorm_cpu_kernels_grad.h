@@ -159,6 +159,10 @@ void grad_run(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t off,
   const aVec vm(m), va(a), vb(b), vk(k);
   int64_t i = off;
   const int64_t stop = off + len;
+  if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    for (; i + 2 * V <= stop; i += 2 * V)
+      elementwise_vec2<scalar_t, Form::kGrad>(po, px, pg, i, vm, va, vb, vk);
+  }
   for (; i + V <= stop; i += V) elementwise_vec<scalar_t, Form::kGrad>(po, px, pg, i, vm, va, vb, vk);
   for (; i < stop; ++i) elementwise_one<scalar_t, Form::kGrad>(po, px, pg, i, m, a, b, k);
 }

@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <functional>
+#include <tuple>
+#include <type_traits>
 
 #include "cpu/batchrenorm_cpu_kernels.h"
 
@@ -284,6 +286,30 @@ inline void elementwise_vec(scalar_t* po, const scalar_t* px, const scalar_t* pg
   store_acc(po + i, v);
 }
 
+// half / bfloat16: 2 * aVec::size() values, one load and one store of Vectorized<scalar_t>,
+// converted once each way (the values and the arithmetic are elementwise_vec's, twice).
+template <typename scalar_t, Form kForm>
+inline void elementwise_vec2(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
+                             const Vectorized<float>& m, const Vectorized<float>& a,
+                             const Vectorized<float>& b, const Vectorized<float>& k) {
+  Vectorized<float> x0, x1, g0, g1, v0, v1;
+  if constexpr (kForm != Form::kScale)
+    std::tie(x0, x1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(px + i));
+  if constexpr (kForm != Form::kAffine)
+    std::tie(g0, g1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(pg + i));
+  if constexpr (kForm == Form::kAffine) {
+    v0 = at::vec::fmadd(x0 - m, a, b);
+    v1 = at::vec::fmadd(x1 - m, a, b);
+  } else if constexpr (kForm == Form::kGrad) {
+    v0 = at::vec::fmadd(g0, k, at::vec::fmadd(x0 - m, a, b));
+    v1 = at::vec::fmadd(g1, k, at::vec::fmadd(x1 - m, a, b));
+  } else {
+    v0 = g0 * k;
+    v1 = g1 * k;
+  }
+  at::vec::convert_from_float<scalar_t>(v0, v1).store(po + i);
+}
+
 // One value (the scalar tails), with its channel's coefficients.
 template <typename scalar_t, Form kForm>
 inline void elementwise_one(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
@@ -313,6 +339,10 @@ void elementwise_planes(scalar_t* po, const scalar_t* px, const scalar_t* pg, in
     const int64_t c = run % C;
     const int64_t stop = std::min(end, (run + 1) * S);
     const aVec m(co.m[c]), a(co.a[c]), b(co.b[c]), k(co.k[c]);
+    if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+      for (; i + 2 * V <= stop; i += 2 * V)
+        elementwise_vec2<scalar_t, kForm>(po, px, pg, i, m, a, b, k);
+    }
     for (; i + V <= stop; i += V) elementwise_vec<scalar_t, kForm>(po, px, pg, i, m, a, b, k);
     for (; i < stop; ++i)
       elementwise_one<scalar_t, kForm>(po, px, pg, i, co.m[c], co.a[c], co.b[c], co.k[c]);
