@@ -362,7 +362,8 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
     const GradContext<acc_t> ctx{w, vm, vi, vr, inv_count};
     const GradCoeffFn<acc_t> coeffs{&grad_coeffs<acc_t>, &ctx};
     std::vector<GradSums> sums;
-    if (output_mask[0] && fused_grad_applies(g, train)) {
+    const bool fused = output_mask[0] && fused_grad_applies(g, train);
+    if (fused) {
       // One pass per channel: sums, then dx from cache (grad_planes_fused).
       sums.resize(C);
       BRN_CALL_KERNEL(grad_planes_fused<scalar_t>(grad_input.data_ptr<scalar_t>(),
@@ -386,7 +387,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
       acc_t* gb = grad_bias.data_ptr<acc_t>();
       for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<acc_t>(sums[c].dy);
     }
-    if (output_mask[0] && !fused_grad_applies(g, train)) {
+    if (output_mask[0] && !fused) {
       CoeffArrays<acc_t> co(C);
       co.fold_grad = true;
       for (int64_t c = 0; c < C; ++c)

@@ -3,7 +3,7 @@
 //
 // Part of batchrenorm_cpu_kernels_impl.h, which includes it after the helpers and the
 // elementwise passes these loops use (load_acc, for_each_run, the work partition, add,
-// elementwise_vec / _one), and before the explicit instantiations; not to be included alone.
+// elementwise_run), and before the explicit instantiations; not to be included alone.
 #pragma once
 
 #ifndef BRN_CPU_ISA
@@ -17,8 +17,9 @@ namespace BRN_CPU_ISA {
 // planes layout, one work item: channel c's values [k0, k1), chunk by chunk, float accumulators
 // flushed into float64 per chunk.
 template <typename scalar_t, bool kCentre>
-__attribute__((always_inline)) inline GradSums plane_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g, int64_t c,
-                         int64_t kb0, int64_t kb1, acc_type<scalar_t> mc) {
+__attribute__((always_inline)) inline GradSums plane_grad_sums(
+    const scalar_t* pg, const scalar_t* px, const Geometry& g, int64_t c, int64_t kb0, int64_t kb1,
+    acc_type<scalar_t> mc) {
   using acc_t = acc_type<scalar_t>;
   using aVec = Vectorized<acc_t>;
   constexpr int64_t V = aVec::size();
@@ -148,25 +149,6 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
     for (int64_t c = 0; c < C; ++c) add(result[c], partial[rb * C + c].v);
 }
 
-// planes layout, kGrad over one run of values [off, off + len) of one channel. Plain arguments
-// (see the note on the elementwise passes).
-template <typename scalar_t>
-void grad_run(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t off, int64_t len,
-              acc_type<scalar_t> m, acc_type<scalar_t> a, acc_type<scalar_t> b,
-              acc_type<scalar_t> k) {
-  using aVec = Vectorized<acc_type<scalar_t>>;
-  constexpr int64_t V = aVec::size();
-  const aVec vm(m), va(a), vb(b), vk(k);
-  int64_t i = off;
-  const int64_t stop = off + len;
-  if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    for (; i + 2 * V <= stop; i += 2 * V)
-      elementwise_vec2<scalar_t, Form::kGrad>(po, px, pg, i, vm, va, vb, vk);
-  }
-  for (; i + V <= stop; i += V) elementwise_vec<scalar_t, Form::kGrad>(po, px, pg, i, vm, va, vb, vk);
-  for (; i < stop; ++i) elementwise_one<scalar_t, Form::kGrad>(po, px, pg, i, m, a, b, k);
-}
-
 // Why fused: the two-pass backward (channel_grad_sums, then elementwise) reads x and dy from
 // memory twice once the tensors outgrow the caches; here a channel's dx is written right after
 // its sums, while its N * S <= kFusedGradMaxValues values (<= 512 KiB of x and dy in float32)
@@ -187,7 +169,7 @@ void grad_planes_fused(scalar_t* po, const scalar_t* pg, const scalar_t* px, con
       acc_t cm, ca, cb, ck;
       coeffs.fn(coeffs.ctx, c, s, &cm, &ca, &cb, &ck);
       for_each_run(g, c, 0, count, [&](int64_t off, int64_t len) {
-        grad_run<scalar_t>(po, px, pg, off, len, cm, ca, cb, ck);
+        elementwise_run<scalar_t, Form::kGrad>(po, px, pg, off, off + len, cm, ca, cb, ck);
       });
     }
   });

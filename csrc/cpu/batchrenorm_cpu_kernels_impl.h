@@ -268,6 +268,19 @@ void channel_moments(const scalar_t* px, const Geometry& g, Moments* result) {
 
 constexpr int64_t kElementGrain = 16384;
 
+// The value of Form from acc_t vectors of x and dy (each unused by one Form).
+template <Form kForm, typename aVec>
+inline aVec form_value(const aVec& x, const aVec& dy, const aVec& m, const aVec& a, const aVec& b,
+                       const aVec& k) {
+  if constexpr (kForm == Form::kAffine) {
+    return at::vec::fmadd(x - m, a, b);
+  } else if constexpr (kForm == Form::kGrad) {
+    return at::vec::fmadd(dy, k, at::vec::fmadd(x - m, a, b));
+  } else {
+    return dy * k;
+  }
+}
+
 // One vector of values from index i, with the coefficient vectors of its channels.
 template <typename scalar_t, Form kForm>
 inline void elementwise_vec(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
@@ -275,15 +288,10 @@ inline void elementwise_vec(scalar_t* po, const scalar_t* px, const scalar_t* pg
                             const Vectorized<acc_type<scalar_t>>& a,
                             const Vectorized<acc_type<scalar_t>>& b,
                             const Vectorized<acc_type<scalar_t>>& k) {
-  Vectorized<acc_type<scalar_t>> v;
-  if constexpr (kForm == Form::kAffine) {
-    v = at::vec::fmadd(load_acc(px + i) - m, a, b);
-  } else if constexpr (kForm == Form::kGrad) {
-    v = at::vec::fmadd(load_acc(pg + i), k, at::vec::fmadd(load_acc(px + i) - m, a, b));
-  } else {
-    v = load_acc(pg + i) * k;
-  }
-  store_acc(po + i, v);
+  Vectorized<acc_type<scalar_t>> x, dy;
+  if constexpr (kForm != Form::kScale) x = load_acc(px + i);
+  if constexpr (kForm != Form::kAffine) dy = load_acc(pg + i);
+  store_acc(po + i, form_value<kForm>(x, dy, m, a, b, k));
 }
 
 // half / bfloat16: 2 * aVec::size() values, one load and one store of Vectorized<scalar_t>,
@@ -292,22 +300,14 @@ template <typename scalar_t, Form kForm>
 inline void elementwise_vec2(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
                              const Vectorized<float>& m, const Vectorized<float>& a,
                              const Vectorized<float>& b, const Vectorized<float>& k) {
-  Vectorized<float> x0, x1, g0, g1, v0, v1;
+  Vectorized<float> x0, x1, g0, g1;
   if constexpr (kForm != Form::kScale)
     std::tie(x0, x1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(px + i));
   if constexpr (kForm != Form::kAffine)
     std::tie(g0, g1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(pg + i));
-  if constexpr (kForm == Form::kAffine) {
-    v0 = at::vec::fmadd(x0 - m, a, b);
-    v1 = at::vec::fmadd(x1 - m, a, b);
-  } else if constexpr (kForm == Form::kGrad) {
-    v0 = at::vec::fmadd(g0, k, at::vec::fmadd(x0 - m, a, b));
-    v1 = at::vec::fmadd(g1, k, at::vec::fmadd(x1 - m, a, b));
-  } else {
-    v0 = g0 * k;
-    v1 = g1 * k;
-  }
-  at::vec::convert_from_float<scalar_t>(v0, v1).store(po + i);
+  at::vec::convert_from_float<scalar_t>(form_value<kForm>(x0, g0, m, a, b, k),
+                                        form_value<kForm>(x1, g1, m, a, b, k))
+      .store(po + i);
 }
 
 // One value (the scalar tails), with its channel's coefficients.
@@ -327,25 +327,34 @@ inline void elementwise_one(scalar_t* po, const scalar_t* px, const scalar_t* pg
   po[i] = static_cast<scalar_t>(v);
 }
 
+// Values [i, stop) of one channel, with its coefficients: pairs of vectors (half / bfloat16),
+// vectors, then the scalar tail. Plain arguments (see the note above).
+template <typename scalar_t, Form kForm>
+void elementwise_run(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
+                     int64_t stop, acc_type<scalar_t> m, acc_type<scalar_t> a,
+                     acc_type<scalar_t> b, acc_type<scalar_t> k) {
+  using aVec = Vectorized<acc_type<scalar_t>>;
+  constexpr int64_t V = aVec::size();
+  const aVec vm(m), va(a), vb(b), vk(k);
+  if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    for (; i + 2 * V <= stop; i += 2 * V)
+      elementwise_vec2<scalar_t, kForm>(po, px, pg, i, vm, va, vb, vk);
+  }
+  for (; i + V <= stop; i += V) elementwise_vec<scalar_t, kForm>(po, px, pg, i, vm, va, vb, vk);
+  for (; i < stop; ++i) elementwise_one<scalar_t, kForm>(po, px, pg, i, m, a, b, k);
+}
+
 // planes layout: runs of S values share one channel's coefficients; values [begin, end).
 template <typename scalar_t, Form kForm>
 void elementwise_planes(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t C,
                         int64_t S, Coeffs<acc_type<scalar_t>> co, int64_t begin, int64_t end) {
-  using aVec = Vectorized<acc_type<scalar_t>>;
-  constexpr int64_t V = aVec::size();
   int64_t i = begin;
   while (i < end) {
     const int64_t run = i / S;
     const int64_t c = run % C;
     const int64_t stop = std::min(end, (run + 1) * S);
-    const aVec m(co.m[c]), a(co.a[c]), b(co.b[c]), k(co.k[c]);
-    if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-      for (; i + 2 * V <= stop; i += 2 * V)
-        elementwise_vec2<scalar_t, kForm>(po, px, pg, i, m, a, b, k);
-    }
-    for (; i + V <= stop; i += V) elementwise_vec<scalar_t, kForm>(po, px, pg, i, m, a, b, k);
-    for (; i < stop; ++i)
-      elementwise_one<scalar_t, kForm>(po, px, pg, i, co.m[c], co.a[c], co.b[c], co.k[c]);
+    elementwise_run<scalar_t, kForm>(po, px, pg, i, stop, co.m[c], co.a[c], co.b[c], co.k[c]);
+    i = stop;
   }
 }
 
