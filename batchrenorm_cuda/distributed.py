@@ -38,20 +38,12 @@ from ._common import (check_buffers_given, check_input_dtype, check_per_channel,
                       use_fused)
 # The base class, as torch's nn.SyncBatchNorm derives from nn.modules.batchnorm._BatchNorm.
 from .modules import _BatchRenorm
-from .reference import stat_dtype
+from .reference import channel_shape, reduce_dims, stat_dtype
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 _STAT_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
-
-
-def _channel_shape(x: Tensor) -> Tuple[int, ...]:
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
-
-
-def _reduce_dims(x: Tensor) -> Tuple[int, ...]:
-    return (0,) + tuple(range(2, x.dim()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,16 +54,16 @@ def _local_stats(x: Tensor, fused: bool) -> Tuple[Tensor, Tensor]:
     if fused:
         return _ops.OPS.batch_stats(x)
     xs = x.to(stat_dtype(x.dtype))
-    dims = _reduce_dims(x)
+    dims = reduce_dims(x)
     mean = xs.mean(dims)
-    m2 = (xs - mean.view(_channel_shape(x))).square().sum(dims)
+    m2 = (xs - mean.view(channel_shape(x))).square().sum(dims)
     return mean, m2
 
 
 def _normalize(x: Tensor, scale: Tensor, shift: Tensor, fused: bool) -> Tensor:
     if fused:
         return _ops.OPS.normalize(x, scale, shift)
-    shape = _channel_shape(x)
+    shape = channel_shape(x)
     y = x.to(scale.dtype) * scale.view(shape) + shift.view(shape)
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
@@ -80,7 +72,7 @@ def _backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                      fused: bool) -> Tuple[Tensor, Tensor]:
     if fused:
         return _ops.OPS.backward_reduce(dy, x, mean, invstd)
-    shape, dims = _channel_shape(x), _reduce_dims(x)
+    shape, dims = channel_shape(x), reduce_dims(x)
     g = dy.to(mean.dtype)
     xhat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
     return g.sum(dims), (g * xhat).sum(dims)
@@ -90,7 +82,7 @@ def _backward_input(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, scale: 
                     mean_dy: Tensor, mean_dy_xhat: Tensor, fused: bool) -> Tensor:
     if fused:
         return _ops.OPS.backward_input(dy, x, mean, invstd, scale, mean_dy, mean_dy_xhat)
-    shape = _channel_shape(x)
+    shape = channel_shape(x)
     g = dy.to(mean.dtype)
     xhat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
     dx = scale.view(shape) * (g - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape))
@@ -180,16 +172,9 @@ class SyncBatchRenormFunction(torch.autograd.Function):
         sigma_b = torch.sqrt(var + eps)
         invstd = 1.0 / sigma_b
         if running_mean is not None:
-            rmax, dmax = reference.clip_bounds(num_batches_tracked, r_max, d_max, warmup_steps,
-                                               r_max_ramp_steps, d_max_ramp_steps)
-            if isinstance(rmax, Tensor):
-                rmax, dmax = rmax.to(sdt), dmax.to(sdt)
-            else:
-                rmax = torch.tensor(rmax, dtype=sdt, device=input.device)
-                dmax = torch.tensor(dmax, dtype=sdt, device=input.device)
-            sigma = torch.sqrt(running_var + eps)
-            r = torch.clamp(sigma_b / sigma, 1.0 / rmax, rmax)
-            d = torch.clamp((mean - running_mean) / sigma, -dmax, dmax)
+            bounds = reference.clip_bounds_as(sdt, num_batches_tracked, r_max, d_max,
+                                              warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
+            r, d = reference.corrections(sigma_b, mean - running_mean, running_var, eps, *bounds)
             # The unbiased running_var uses the GLOBAL count. One value per channel in the
             # whole batch (BatchRenorm raises, which would need a host read here) would make
             # it 0/0: mark the statistics non-finite so that the buffers are kept.

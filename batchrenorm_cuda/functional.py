@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ops, reference
+from . import _compiled, _ops, reference
 from ._common import (check_arguments, check_buffers_given, check_hyperparameter_types,
                       check_hyperparameters, check_tensor_or_none, use_fused)
 
@@ -14,6 +14,11 @@ __all__ = ["batch_renorm"]
 
 # torch.compiler.is_exporting arrived in torch 2.5 (we support 2.4).
 _is_compiler_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _is_tracing_for_inductor() -> bool:
+    # torch.compile, not torch.export: an exported program keeps our ops (and needs no autograd).
+    return torch.compiler.is_compiling() and not _is_compiler_exporting()
 
 
 def _is_exporting() -> bool:
@@ -116,6 +121,15 @@ def batch_renorm_scheduled(
         # touch a buffer (csrc/batchrenorm_checks.h) and whose autograd is registered in C++
         # (csrc/batchrenorm_autograd.h).
         _check_fused_arguments(caller, running_mean, running_var, weight, bias, training)
+        if training and _is_tracing_for_inductor():
+            # Under torch.compile the forward is traced as aten ops, so that Inductor fuses and
+            # recomputes it as it does nn.BatchNorm (_compiled.py says why); the backward stays
+            # the fused kernel. The checks run once, while Dynamo traces.
+            check_arguments(caller, input, running_mean, running_var, weight, bias, training,
+                            momentum, eps, r_max, d_max, num_batches_tracked)
+            return _compiled.forward_train(input, weight, bias, running_mean, running_var,
+                                           num_batches_tracked, momentum, eps, r_max, d_max,
+                                           warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
         if training:
             check_hyperparameter_types(caller, momentum, eps, r_max, d_max)
             return _ops.OPS.forward_train(input, weight, bias, running_mean, running_var,

@@ -53,11 +53,39 @@ def clip_bounds(
             torch.where(fd == 0, 0.0, d_max * fd))
 
 
-def _channel_shape(x: Tensor) -> Tuple[int, ...]:
+def clip_bounds_as(dtype: torch.dtype, step: Optional[Tensor], *schedule) -> Tuple[Bound, Bound]:
+    """clip_bounds(step, *schedule) in the statistics dtype (tensors stay on the counter's
+    device: no host synchronisation)."""
+    rmax, dmax = clip_bounds(step, *schedule)
+    if isinstance(rmax, Tensor):
+        rmax, dmax = rmax.to(dtype), dmax.to(dtype)
+    return rmax, dmax
+
+
+def batch_sigma(mean: Tensor, var: Tensor, count: int, eps: float) -> Tensor:
+    """sigma_B = sqrt(var_B + eps), with the non-finite policy of csrc/batchrenorm.h
+    (finite_stats): statistics are usable when the mean and M2 = var * count are finite in the
+    statistics dtype; otherwise the channel's sigma_B, and so its output and gradients, are NaN
+    (an infinite sigma_B would give a finite, constant output)."""
+    usable = torch.isfinite(mean.detach()) & torch.isfinite(var.detach() * count)
+    return torch.where(usable, torch.sqrt(var + eps), float("nan"))
+
+
+@torch.no_grad()
+def corrections(sigma_b: Tensor, mean_offset: Tensor, running_var: Tensor, eps: float,
+                r_max: Bound, d_max: Bound) -> Tuple[Tensor, Tensor]:
+    """(r, d) from sigma_B and mu_B - running_mean, against the buffers before this step's
+    update; constants for autograd."""
+    sigma = torch.sqrt(running_var + eps)
+    return (torch.clamp(sigma_b / sigma, 1.0 / r_max, r_max),
+            torch.clamp(mean_offset / sigma, -d_max, d_max))
+
+
+def channel_shape(x: Tensor) -> Tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
 
-def _reduce_dims(x: Tensor) -> Tuple[int, ...]:
+def reduce_dims(x: Tensor) -> Tuple[int, ...]:
     return (0,) + tuple(range(2, x.dim()))
 
 
@@ -92,7 +120,7 @@ def batch_renorm(
     r = 1, d = 0. Arguments are not validated here: batchrenorm_cuda.batch_renorm does that.
     """
     sdt = stat_dtype(input.dtype)
-    shape = _channel_shape(input)
+    shape = channel_shape(input)
     x = input.to(sdt)
 
     if not training:
@@ -100,7 +128,7 @@ def batch_renorm(
         y = (x - running_mean.view(shape)) * invstd.view(shape)
         return _affine(y, weight, bias, shape).to(input.dtype)
 
-    dims = _reduce_dims(input)
+    dims = reduce_dims(input)
     mean = x.mean(dims)
     # mean(x - mean) is the rounding residue of `mean` (1e-4 near 3000 in float32): a large part
     # of sigma_B when |mean| >> std. It is 0 in exact arithmetic, so it carries no gradient.
@@ -112,23 +140,14 @@ def batch_renorm(
     # 1e4, std 1e-2 in float32).
     var = (xc * xc).mean(dims)
     count = input.numel() // input.shape[1]
-    # The non-finite policy of csrc/batchrenorm.h (finite_stats): statistics are usable when the
-    # mean and M2 = var * count are finite in the statistics dtype; otherwise the channel's
-    # output and gradients are NaN (an infinite sigma_B would give a finite, constant output).
-    usable = torch.isfinite(mean.detach()) & torch.isfinite(var.detach() * count)
-    sigma_b = torch.where(usable, torch.sqrt(var + eps), float("nan"))
+    sigma_b = batch_sigma(mean, var, count, eps)
     y = xc / sigma_b.view(shape)
 
     if running_mean is not None:
-        with torch.no_grad():
-            step = num_batches_tracked
-            rmax, dmax = clip_bounds(step, r_max, d_max, warmup_steps, r_max_ramp_steps,
-                                     d_max_ramp_steps)
-            if isinstance(rmax, Tensor):  # on the counter's device: no host synchronisation
-                rmax, dmax = rmax.to(sdt), dmax.to(sdt)
-            sigma = torch.sqrt(running_var + eps)
-            r = torch.clamp(sigma_b.detach() / sigma, 1.0 / rmax, rmax)
-            d = torch.clamp(((mean.detach() - running_mean) + residue) / sigma, -dmax, dmax)
+        bounds = clip_bounds_as(sdt, num_batches_tracked, r_max, d_max, warmup_steps,
+                                r_max_ramp_steps, d_max_ramp_steps)
+        r, d = corrections(sigma_b.detach(), (mean.detach() - running_mean) + residue,
+                           running_var, eps, *bounds)
         y = y * r.view(shape) + d.view(shape)
         update_running(mean.detach(), var.detach(), count, running_mean, running_var,
                         num_batches_tracked, momentum)

@@ -3,6 +3,7 @@ ops: no graph breaks, and the same outputs, grads and buffers (num_batches_track
 eager, in training and eval."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
@@ -95,21 +96,111 @@ def test_compiled_functional_training_step_matches_eager():
     assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_inductor_passes_its_layout_to_the_ops_without_a_copy():
-    """On the CPU Inductor lays convolution outputs out channels_last even in an NCHW model. Our
-    ops take any layout (the flexible_layout tag), so no copy kernel runs in front of them."""
+def _compiled_code(net, x):
+    """Inductor's output code for a training step of net: (forward, backward)."""
+    from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
+    with inductor_config.patch(force_disable_caches=True):
+        compiled = torch.compile(net, backend="inductor", fullgraph=True)
+        _, codes = run_and_get_code(lambda: compiled(x).square().sum().backward())
+    return codes
+
+
+def test_compiled_training_is_fused_and_recomputed_as_batchnorm_is(monkeypatch):
+    """Under torch.compile the training forward is aten ops (_compiled.py), so Inductor fuses it
+    with the ReLU after it and the partitioner recomputes both in the backward graph from the
+    saved convolution output, as it does for nn.BatchNorm. Here nothing after the ReLU keeps its
+    output (the pool's backward needs none), so with the opaque op (the path before, checked
+    below) the forward graph saves ReLU's mask, a bool tensor, which Inductor's CPU code writes
+    slowly; traced, it saves none. The backward is our kernel."""
+    from batchrenorm_cuda import functional
+
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), brn.BatchRenorm2d(8, **SCHEDULE),
-                        nn.ReLU())
-    twin = copy.deepcopy(net)
-    compiled = torch.compile(net, backend="inductor", fullgraph=True)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                        brn.BatchRenorm2d(8, **SCHEDULE), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     x = torch.randn(4, 3, 8, 8)
-    y, (code, *_) = run_and_get_code(compiled, x)
-    assert "batchrenorm.forward_train" in code
-    assert "cpp_fused_forward_train" not in code, "a copy kernel feeds forward_train"
-    assert_close(y, twin(x), atol=1e-4, rtol=1e-4)
+    forward, backward = _compiled_code(copy.deepcopy(net), x)
+    assert "batchrenorm.forward_train" not in forward
+    assert "torch.bool" not in forward, "the forward graph saves a ReLU mask"
+    assert "batchrenorm.backward" in backward
+
+    monkeypatch.setattr(functional, "_is_tracing_for_inductor", lambda: False)
+    opaque_forward, _ = _compiled_code(copy.deepcopy(net), x)
+    assert "batchrenorm.forward_train" in opaque_forward
+    assert "torch.bool" in opaque_forward
+
+
+# (dtype, shape, layout, affine, running statistics, momentum): each dtype, rank and layout the
+# fused path takes, affine and running statistics off once each, the cumulative average once.
+TRACED_CASES = [
+    (torch.float32, (16, 6), torch.contiguous_format, True, True, 0.1),
+    (torch.float64, (5, 6, 7), torch.contiguous_format, True, True, 0.1),
+    (torch.float16, (4, 6, 5, 5), torch.channels_last, True, True, None),
+    (torch.bfloat16, (2, 6, 3, 4, 5), torch.channels_last_3d, True, True, 0.1),
+    (torch.float32, (4, 6, 5, 5), torch.contiguous_format, False, True, 0.1),
+    (torch.float32, (4, 6, 5, 5), torch.channels_last, True, False, 0.1),
+]
+
+
+@pytest.mark.parametrize("dtype,shape,layout,affine,running,momentum", TRACED_CASES)
+def test_compiled_training_matches_the_reference(dtype, shape, layout, affine, running,
+                                                 momentum):
+    """Outputs, the three gradients, the buffers and the counter of compiled training steps
+    (the traced forward and the fused backward) against the reference, over a schedule whose
+    bounds move and clip, with a non-finite channel in the last step (NaN for that channel,
+    its buffers kept)."""
+    from batchrenorm_cuda._testing import grad_tolerance, make_params, tolerance
+    from batchrenorm_cuda.functional import batch_renorm_scheduled
+
+    C = shape[1]
+    weight, bias, running_mean, running_var = make_params(C, dtype)
+    if not affine:
+        weight = bias = None
+    if not running:
+        running_mean = running_var = None
+    counter = torch.zeros((), dtype=torch.long)
+    args = dict(momentum=momentum, eps=1e-5, r_max=1.5, d_max=0.5, warmup_steps=1,
+                r_max_ramp_steps=2, d_max_ramp_steps=2)
+
+    def step(x, w, b, rm, rv, nbt, backend):
+        return batch_renorm_scheduled(x, rm, rv, w, b, True, num_batches_tracked=nbt,
+                                      backend=backend, **args)
+
+    compiled = torch.compile(step, backend="inductor", fullgraph=True)
+    runs = {}
+    for name, fn, backend in (("compiled", compiled, "fused"), ("reference", step, "reference")):
+        state = [None if t is None else t.clone() for t in (running_mean, running_var)]
+        nbt = counter.clone()
+        outs = []
+        for i in range(4):
+            gen = torch.Generator().manual_seed(i)
+            x = (torch.randn(shape, generator=gen, dtype=torch.float64) * (1 + i) + i)
+            if i == 3:
+                x[:, 1] = float("nan")
+            x = x.to(dtype).contiguous(memory_format=layout).requires_grad_()
+            w, b = (None if t is None else t.clone().requires_grad_() for t in (weight, bias))
+            y = fn(x, w, b, *state, nbt, backend)
+            grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+            y.backward(grad)
+            outs.append((y, x.grad, w, b, *[None if t is None else t.clone() for t in state]))
+        runs[name] = (outs, int(nbt))
+    (got, got_count), (want, want_count) = runs["compiled"], runs["reference"]
+    assert got_count == want_count == (4 if running else 0)
+    m = got[0][0].numel() // C
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g[0].is_contiguous(memory_format=layout), f"step {i}: output layout"
+        assert_close(g[0], w[0], equal_nan=True, **tolerance(dtype), msg=f"output, step {i}")
+        assert_close(g[1], w[1], equal_nan=True, **tolerance(dtype), msg=f"grad_input, step {i}")
+        if affine:
+            for k, label in ((2, "weight"), (3, "bias")):
+                assert_close(g[k].grad, w[k].grad, equal_nan=True, **grad_tolerance(dtype, m),
+                             msg=f"grad_{label}, step {i}")
+        if running:
+            for k, label in ((4, "running_mean"), (5, "running_var")):
+                assert_close(g[k], w[k], **tolerance(dtype), msg=f"{label}, step {i}")
+    assert torch.isnan(got[3][0][:, 1]).all() and not torch.isnan(got[3][0][:, 0]).any()
 
 
 def test_compiled_backward_gets_grad_output_in_input_layout():
