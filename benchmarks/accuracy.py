@@ -338,6 +338,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="the layers to run (default: all; the report needs bn and brn)")
     p.add_argument("--steps", type=int, default=None, help="override every data set's steps")
+    p.add_argument("--length", type=int, default=1,
+                   help="multiply each data set's steps (NOTES.md, issue 20, rounds 4-5: is a "
+                        "result a property of short runs?)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="worker processes, one thread each (default: min(2, cores))")
     p.add_argument("--report-only", action="store_true",
@@ -352,7 +355,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return report_again(args.out_dir or RESULTS_DIR, args)
     cfg = SMOKE if args.smoke else FULL
     seeds = tuple(args.seeds) if args.seeds else cfg["seeds"]
-    steps = {d: args.steps or cfg["steps"] or EXPERIMENTS[d]["steps"] for d in args.datasets}
+    steps = {d: args.length * (args.steps or cfg["steps"] or EXPERIMENTS[d]["steps"])
+             for d in args.datasets}
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="accuracy_smoke_") if args.smoke
                                else RESULTS_DIR)
     os.makedirs(out_dir, exist_ok=True)
