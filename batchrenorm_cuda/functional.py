@@ -116,20 +116,20 @@ def batch_renorm_scheduled(
         raise TypeError(f"{caller}: training must be a bool, got {type(training).__name__} "
                         f"{training!r}")
     fused = use_fused(input, backend, caller)
+    if fused and training and input.numel() > 0 and _is_tracing_for_inductor():
+        # Under torch.compile the forward is traced as aten ops, so that Inductor fuses and
+        # recomputes it as it does nn.BatchNorm (_compiled.py says why); the backward stays the
+        # fused kernel. The Python checks run once, while Dynamo traces.
+        check_arguments(caller, input, running_mean, running_var, weight, bias, training,
+                        momentum, eps, r_max, d_max, num_batches_tracked)
+        return _compiled.forward_train(input, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, momentum, eps, r_max, d_max,
+                                       warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
     if fused and input.numel() > 0 and (training or not _is_exporting()):
         # The hot path: one dispatcher call, whose kernels check every argument before they
         # touch a buffer (csrc/batchrenorm_checks.h) and whose autograd is registered in C++
         # (csrc/batchrenorm_autograd.h).
         _check_fused_arguments(caller, running_mean, running_var, weight, bias, training)
-        if training and _is_tracing_for_inductor():
-            # Under torch.compile the forward is traced as aten ops, so that Inductor fuses and
-            # recomputes it as it does nn.BatchNorm (_compiled.py says why); the backward stays
-            # the fused kernel. The checks run once, while Dynamo traces.
-            check_arguments(caller, input, running_mean, running_var, weight, bias, training,
-                            momentum, eps, r_max, d_max, num_batches_tracked)
-            return _compiled.forward_train(input, weight, bias, running_mean, running_var,
-                                           num_batches_tracked, momentum, eps, r_max, d_max,
-                                           warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
         if training:
             check_hyperparameter_types(caller, momentum, eps, r_max, d_max)
             return _ops.OPS.forward_train(input, weight, bias, running_mean, running_var,
