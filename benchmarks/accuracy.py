@@ -103,6 +103,11 @@ VARIANTS: Dict[str, dict] = {
     "brn_bn_limit": dict(layer="brn", momentum=0.01, warmup_windows=3, r_max=1.0, d_max=0.0),
     "brn_r_only": dict(layer="brn", momentum=0.01, warmup_windows=3, d_max=0.0),
     "brn_d_only": dict(layer="brn", momentum=0.01, warmup_windows=3, r_max=1.0),
+    # Round 7: the running average starts as a cumulative mean (no initial bias to wait for),
+    # so the warm-up can be the paper's fraction (or one averaging window).
+    "brn_cumstart": dict(layer="brn", momentum=0.01, warmup_windows=0, cumulative_start=True),
+    "brn_cumstart_1w": dict(layer="brn", momentum=0.01, warmup_windows=1,
+                            cumulative_start=True),
 }
 CANDIDATES = tuple(v for v in VARIANTS if v.startswith("brn_"))
 R_MAX, D_MAX = 3.0, 5.0
@@ -135,7 +140,9 @@ def configuration(variant: str) -> dict:
     windows = inspect.signature(brn.schedule_for).parameters["warmup_windows"].default
     return dict(config, warmup_windows=v.get("warmup_windows", windows),
                 ramps=v.get("ramps", True), r_max=v.get("r_max", R_MAX),
-                d_max=v.get("d_max", D_MAX))
+                d_max=v.get("d_max", D_MAX),
+                # Named only when set, so that the runs recorded before round 7 keep matching.
+                **({"cumulative_start": True} if v.get("cumulative_start") else {}))
 
 
 def schedule_of(variant: str, steps: int) -> Dict[str, int]:
@@ -170,7 +177,7 @@ def make_model(dataset: str, variant: str, setting: str, steps: int) -> nn.Modul
     renorm = ({} if config["layer"] == "bn" else
               dict(r_max=config["r_max"], d_max=config["d_max"], **schedule_of(variant, steps)))
     norm = tasks.NormFactory(config["layer"], exp["settings"][setting].get("group"),
-                             config["momentum"], renorm)
+                             config["momentum"], renorm, config.get("cumulative_start", False))
     x_tr, y_tr, _, _ = data_of(dataset)
     classes = int(y_tr.max()) + 1
     if exp["model"] == "resnet1d":
@@ -347,6 +354,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    help="no training: rewrite the outputs in --out-dir from its "
                         "accuracy_curves.json, with brn taken from the run that has the "
                         "modules' current defaults")
+    p.add_argument("--merge", nargs="+", default=(), metavar="DIR",
+                   help="with --report-only: add the variants recorded in these folders' "
+                        "accuracy_curves.json that --out-dir lacks (same data sets, settings, "
+                        "seeds and steps; a run is a pure function of configuration and seed)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -432,6 +443,33 @@ def write_outputs(out_dir: str, table: dict, extra: dict, curves: dict, meta: di
     return dict(table=table, extra=extra, meta=meta, out_dir=out_dir)
 
 
+def merge_runs(saved: dict, other_dir: str) -> None:
+    """Adds to `saved` (an accuracy_curves.json) the variants recorded in other_dir's that it
+    lacks. The two must have run the same cells (data sets, settings, seeds, steps); the wall and
+    CPU times become the sums, what `make accuracy` would take for all of them."""
+    with open(os.path.join(other_dir, "accuracy_curves.json")) as f:
+        other = json.load(f)
+    mine, theirs = saved["meta"], other["meta"]
+    for key in ("seeds", "steps", "datasets"):
+        if mine[key] != theirs[key]:
+            raise SystemExit(f"--merge {other_dir}: its {key} differ from the run's")
+    new = [v for v in theirs["variants"] if v not in mine["variants"]]
+    if not new:
+        return
+    for field in ("curves",) + EXTRA_FIELDS:
+        for d, rows in other[field].items():
+            for s, cell in rows.items():
+                saved[field][d][s].update({v: cell[v] for v in new})
+    mine["variants"].update({v: theirs["variants"][v] for v in new})
+    mine["run_seconds_wall_cpu"].update(
+        {k: t for k, t in theirs["run_seconds_wall_cpu"].items() if k.split("/")[2] in new})
+    cpu = {k: t[1] for k, t in theirs["run_seconds_wall_cpu"].items()}
+    share = sum(t for k, t in cpu.items() if k.split("/")[2] in new) / max(sum(cpu.values()), 1e-9)
+    for key in ("wall_seconds", "cpu_seconds_per_worker"):  # the new variants' share of theirs
+        mine[key] = round(mine[key] + share * theirs[key], 1)
+    mine["merged_from"] = mine.get("merged_from", []) + [os.path.basename(other_dir)]
+
+
 def report_again(out_dir: str, args: argparse.Namespace) -> dict:
     """Rewrite the outputs from a finished run's accuracy_curves.json, with "brn" (and every
     alias) taken from the run whose configuration the modules' defaults have *now*: after a
@@ -439,6 +477,8 @@ def report_again(out_dir: str, args: argparse.Namespace) -> dict:
     configuration and seed. Fails if no recorded run has that configuration."""
     with open(os.path.join(out_dir, "accuracy_curves.json")) as f:
         saved = json.load(f)
+    for other in args.merge:
+        merge_runs(saved, other)
     meta, recorded = saved["meta"], saved["meta"]["variants"]
     source = {}
     for v in recorded:

@@ -115,7 +115,10 @@ def rule_section(table: dict, meta: dict, candidates: Sequence[str],
               + ("passes every check." if verdict["rule_met"] else
                  "fails the fewest checks; **the rule is not met by any candidate**.")
               + (f" The modules' defaults are `{default}`." if default else
-                 " The modules' defaults are none of the candidates."), ""]
+                 " The modules' defaults are none of the candidates.")
+              + ("" if verdict["rule_met"] or default == verdict["choice"] else
+                 " A tie-break by the number of failures is not a reason to change them "
+                 "(benchmarks/NOTES.md, issue 20, round 7)."), ""]
     return lines
 
 
@@ -196,8 +199,9 @@ def plot(curves: dict, table: dict, meta: dict, setting_labels: Dict[str, str],
         if run not in runs:
             runs.add(run)
             shown.append(v)
-    colours = dict(zip(shown, ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:purple",
-                               "tab:brown", "tab:pink", "tab:olive"]))
+    palette = ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown",
+               "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+    colours = {v: palette[i % len(palette)] for i, v in enumerate(shown)}
     for i, d in enumerate(datasets):
         for j, s in enumerate(curves[d]):
             ax = axes[i][j]

@@ -176,16 +176,35 @@ class NormFactory:
     between a BatchNorm run and a Batch Renorm run."""
 
     def __init__(self, layer: str, group: Optional[int], momentum: float,
-                 renorm_kwargs: Dict[str, float]) -> None:
+                 renorm_kwargs: Dict[str, float], cumulative_start: bool = False) -> None:
         self.layer, self.group = layer, group
         self.momentum, self.renorm_kwargs = momentum, renorm_kwargs
+        self.cumulative_start = cumulative_start
 
     def __call__(self, channels: int) -> nn.Module:
         if self.layer == "bn":
             norm = nn.BatchNorm1d(channels, momentum=self.momentum)
         else:
             norm = brn.BatchRenorm1d(channels, momentum=self.momentum, **self.renorm_kwargs)
-        return MicroBatch(norm, self.group) if self.group else norm
+        outer = MicroBatch(norm, self.group) if self.group else norm
+        if self.cumulative_start:
+            outer.register_forward_pre_hook(_CumulativeStart(norm, self.momentum))
+        return outer
+
+
+class _CumulativeStart:
+    """Before each training step, the layer's averaging rate becomes max(momentum, 1 / (t + 1))
+    at its t-th step: its buffers hold the plain mean of the steps so far until 1 / momentum
+    steps, then the exponential average (NOTES.md, issue 20, round 7). With microbatches each
+    group's update uses that step's rate."""
+
+    def __init__(self, layer: nn.Module, momentum: float) -> None:
+        self.layer, self.momentum = layer, momentum
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        if self.layer.training:
+            t = int(self.layer.num_batches_tracked)
+            self.layer.momentum = max(self.momentum, 1.0 / (t + 1))
 
 
 class ResidualBlock(nn.Module):

@@ -179,6 +179,48 @@ def test_a_candidate_equal_to_the_defaults_is_the_same_run(accuracy, tmp_path):
     assert again["meta"]["ran_as"]["brn"] == "brn" and again["meta"]["ran_as"][other] == "brn"
 
 
+@pytest.mark.parametrize("group", [None, 4])
+def test_cumulative_start_averages_the_first_steps_then_decays(accuracy, group):
+    """brn_cumstart's running average: the plain mean of the steps so far until 1 / momentum
+    steps, then the exponential average at momentum (with or without the microbatch wrapper)."""
+    norm = accuracy.tasks.NormFactory("brn", group, 0.25, dict(warmup_steps=100),
+                                      cumulative_start=True)(3)
+    layer = norm.layer if group else norm
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 3) * 2 + k for k in range(6)]
+    for x in batches:
+        norm(x)
+    means = torch.stack([x.mean(0) for x in batches])
+    expected = means[:4].mean(0)  # t = 0..3: rates 1, 1/2, 1/3, 1/4 give the plain mean
+    for m in means[4:]:
+        expected = 0.75 * expected + 0.25 * m  # then momentum 0.25
+    if group is None:
+        torch.testing.assert_close(layer.running_mean, expected, **_tol())
+    assert layer.momentum == 0.25 and int(layer.num_batches_tracked) == 6
+
+
+def test_merge_adds_another_runs_candidates_as_if_run_together(accuracy, tmp_path):
+    common = ["--smoke", "--jobs", "1", "--quiet", "--no-plot", "--datasets", "tabular100",
+              "--settings", "iid"]
+    both, first, second = (tmp_path / name for name in ("both", "first", "second"))
+    together = accuracy.main(common + ["--out-dir", str(both), "--variants", "bn", "brn",
+                                       "brn_cumstart"])
+    accuracy.main(common + ["--out-dir", str(first), "--variants", "bn", "brn"])
+    accuracy.main(common + ["--out-dir", str(second), "--variants", "bn", "brn",
+                            "brn_cumstart"])
+    merged = accuracy.main(["--report-only", "--out-dir", str(first), "--merge", str(second),
+                            "--quiet", "--no-plot"])
+    assert merged["table"] == together["table"]
+    assert merged["meta"]["merged_from"] == ["second"]
+    assert merged["meta"]["variants"]["brn_cumstart"]["cumulative_start"] is True
+    other = tmp_path / "other"
+    accuracy.main(common + ["--out-dir", str(other), "--variants", "bn", "brn",
+                            "brn_r_only", "--seeds", "1"])
+    with pytest.raises(SystemExit, match="seeds differ"):
+        accuracy.main(["--report-only", "--out-dir", str(first), "--merge", str(other),
+                       "--quiet", "--no-plot"])
+
+
 def test_the_rule_passes_and_fails(accuracy):
     report = accuracy.accuracy_report
     # BatchNorm: 80 i.i.d., 70 with microbatches (a 10-point loss to recover).
