@@ -68,6 +68,10 @@ constexpr int64_t kRowChunk = 64;               // rows per chunk (rows)
 // give every thread whole rows to read.
 constexpr int64_t kRowBlock = 4 * kRowChunk;
 constexpr int64_t kChannelBlock = 64;           // smallest channel split of a row block (rows)
+// The moments' chunk (rows): a whole work item. Each chunk ends in a float64 Chan merge per
+// channel (three divisions), which at 64 rows cost as much as the chunk's loads and arithmetic;
+// a group's 256 rows (4 vectors: 32 KiB in float32) are still re-read from L1.
+constexpr int64_t kRowMomentsChunk = kRowBlock;
 
 // Channels per work item (rows layout): whole rows when there are enough row blocks to share
 // out (one per thread), so each item reads its rows' memory contiguously; narrower blocks
@@ -179,24 +183,37 @@ void channel_moments(const scalar_t* px, const Geometry& g, Moments* result) {
         Moments m{};
         for (int64_t k0 = b * kPlaneBlock; k0 < kb1; k0 += kPlaneChunk) {
           const int64_t k1 = std::min(kb1, k0 + kPlaneChunk);
-          // Pass 1 over the chunk: its provisional mean.
-          aVec vsum(acc_t(0));
+          // Pass 1 over the chunk: its provisional mean. Two accumulators per sum in both
+          // passes (even and odd vectors): one would make each pass wait on the add latency.
+          aVec vsum(acc_t(0)), wsum(acc_t(0));
           acc_t ssum = 0;
           for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
             const scalar_t* p = px + off;
             int64_t i = 0;
+            for (; i + 2 * V <= len; i += 2 * V) {
+              vsum += load_acc(p + i);
+              wsum += load_acc(p + i + V);
+            }
             for (; i + V <= len; i += V) vsum += load_acc(p + i);
             for (; i < len; ++i) ssum += static_cast<acc_t>(p[i]);
           });
           const acc_t len = static_cast<acc_t>(k1 - k0);
-          const acc_t mc = (at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), vsum) + ssum) / len;
+          const acc_t mc =
+              (at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), vsum + wsum) + ssum) / len;
           // Pass 2, from cache: sums centred on it.
           const aVec vmc(mc);
-          aVec v1(acc_t(0)), v2(acc_t(0));
+          aVec v1(acc_t(0)), v2(acc_t(0)), w1(acc_t(0)), w2(acc_t(0));
           acc_t s1 = 0, s2 = 0;
           for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
             const scalar_t* p = px + off;
             int64_t i = 0;
+            for (; i + 2 * V <= len; i += 2 * V) {
+              const aVec dv = load_acc(p + i) - vmc, dw = load_acc(p + i + V) - vmc;
+              v1 += dv;
+              w1 += dw;
+              v2 = at::vec::fmadd(dv, dv, v2);
+              w2 = at::vec::fmadd(dw, dw, w2);
+            }
             for (; i + V <= len; i += V) {
               const aVec dv = load_acc(p + i) - vmc;
               v1 += dv;
@@ -208,8 +225,8 @@ void channel_moments(const scalar_t* px, const Geometry& g, Moments* result) {
               s2 += dv * dv;
             }
           });
-          s1 += at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), v1);
-          s2 += at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), v2);
+          s1 += at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), v1 + w1);
+          s2 += at::vec::vec_reduce_all<acc_t>(std::plus<aVec>(), v2 + w2);
           merge_chunk(m, static_cast<double>(k1 - k0), mc, s1, s2);
         }
         partial[item].v = m;
@@ -233,8 +250,8 @@ void channel_moments(const scalar_t* px, const Geometry& g, Moments* result) {
       const int64_t r_end = std::min(M, (rb + 1) * kRowBlock);
       Slot<Moments>* out = partial.data() + rb * C;
       const int64_t nvec = (c1 - c0) / V;  // full vectors; the rest of the channels is scalar
-      for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
-        const int64_t r1 = std::min(r_end, r0 + kRowChunk);
+      for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowMomentsChunk) {
+        const int64_t r1 = std::min(r_end, r0 + kRowMomentsChunk);
         const acc_t len = static_cast<acc_t>(r1 - r0);
         // Groups of four vectors keep their accumulators in registers.
         int64_t j = 0;
