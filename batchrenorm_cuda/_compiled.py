@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .reference import (batch_sigma, channel_shape, clip_bounds_as, corrections, reduce_dims,
-                        stat_dtype, update_running)
+from .reference import (apply_scale_shift, batch_sigma, clip_bounds_as, corrections,
+                        reduce_dims, scale_shift, stat_dtype, update_running)
 
 
 class _Renormalize(torch.autograd.Function):
@@ -33,15 +33,7 @@ class _Renormalize(torch.autograd.Function):
     @staticmethod
     def forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 invstd: Tensor, r: Tensor, d: Tensor) -> Tensor:
-        shape = channel_shape(input)
-        scale = invstd * r
-        shift = d - mean * scale
-        if weight is not None:
-            scale, shift = scale * weight, shift * weight
-        if bias is not None:
-            shift = shift + bias
-        y = input.to(scale.dtype) * scale.view(shape) + shift.view(shape)
-        return y.to(input.dtype)
+        return apply_scale_shift(input, *scale_shift(mean, invstd, r, d, weight, bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

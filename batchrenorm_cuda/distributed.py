@@ -63,9 +63,8 @@ def _local_stats(x: Tensor, fused: bool) -> Tuple[Tensor, Tensor]:
 def _normalize(x: Tensor, scale: Tensor, shift: Tensor, fused: bool) -> Tensor:
     if fused:
         return _ops.OPS.normalize(x, scale, shift)
-    shape = channel_shape(x)
-    y = x.to(scale.dtype) * scale.view(shape) + shift.view(shape)
-    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+    return reference.apply_scale_shift(x, scale, shift).contiguous(
+        memory_format=memory_format_of(x))
 
 
 def _backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
@@ -184,10 +183,7 @@ class SyncBatchRenormFunction(torch.autograd.Function):
         else:
             r = torch.ones_like(mean)
             d = torch.zeros_like(mean)
-        w = weight if weight is not None else torch.ones_like(mean)
-        b = bias if bias is not None else torch.zeros_like(mean)
-        scale = w * r * invstd
-        shift = b + w * (d - r * mean * invstd)
+        scale, shift = reference.scale_shift(mean, invstd, r, d, weight, bias)
 
         if local_count > 0:
             output = _normalize(input, scale, shift, fused)

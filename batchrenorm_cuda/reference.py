@@ -81,6 +81,25 @@ def corrections(sigma_b: Tensor, mean_offset: Tensor, running_var: Tensor, eps: 
             torch.clamp(mean_offset / sigma, -d_max, d_max))
 
 
+def scale_shift(mean: Tensor, invstd: Tensor, r: Tensor, d: Tensor, weight: Optional[Tensor],
+                bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Per channel, y = x * scale + shift = weight * ((x - mean) * invstd * r + d) + bias: the
+    training output as one affine map (SyncBatchRenorm's normalize, the compiled forward)."""
+    scale = invstd * r
+    shift = d - mean * scale
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def apply_scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """x * scale + shift per channel, computed in scale's dtype, returned in x's."""
+    shape = channel_shape(x)
+    return (x.to(scale.dtype) * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+
 def channel_shape(x: Tensor) -> Tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
