@@ -173,10 +173,11 @@ def _cuda_library_includes():
 
 
 def _sources(pattern: str):
-    # Files built for an instruction-set extension (*_avx2.cpp) link last: the linker keeps the
-    # first copy of an inline function that several files emit, and that copy must run on any CPU.
+    # Files built for an instruction-set extension (*_avx2.cpp, *_avx512.cpp) link last: the
+    # linker keeps the first copy of an inline function that several files emit, and that copy
+    # must run on any CPU.
     paths = (os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
-    return sorted(paths, key=lambda p: (p.endswith("_avx2.cpp"), p))
+    return sorted(paths, key=lambda p: (p.endswith(("_avx2.cpp", "_avx512.cpp")), p))
 
 
 def _write_build_info(with_cuda: bool) -> None:

@@ -26,8 +26,8 @@ PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
 }
 PyMethodDef methods[] = {
     {"cpu_kernels_isa", cpu_kernels_isa, METH_NOARGS,
-     "The instruction set of the CPU kernels: 'avx2', or 'base' (the portable loops; also "
-     "forced by BATCHRENORM_CPU_ISA=base)."},
+     "The instruction set of the CPU kernels: 'avx512', 'avx2' or 'base' (the portable "
+     "loops); at most ATen's own, and lowered by BATCHRENORM_CPU_ISA=avx2 or base."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

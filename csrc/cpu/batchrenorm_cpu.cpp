@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -72,24 +73,43 @@ class ChannelView {
 // ---------------------------------------------------------------------------------------------
 // Run-time choice of the kernels' instruction set.
 
-bool use_avx2() {
-#if defined(BRN_HAVE_AVX2_KERNELS)
-  static const bool ok = [] {
-    const char* env = std::getenv("BATCHRENORM_CPU_ISA");  // "base" forces the portable loops
-    if (env != nullptr && std::string(env) == "base") return false;
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+// The highest instruction set that (a) this build has, (b) the CPU has, (c) ATen's own CPU
+// kernels run with (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY lowers), so that ours
+// and ATen's are compared like with like, and (d) BATCHRENORM_CPU_ISA ("base", "avx2") allows:
+// it forces a lower one, for the tests of each build.
+Isa cpu_isa() {
+#if defined(BRN_HAVE_X86_KERNELS)
+  static const Isa isa = [] {
+    const auto level = [](const std::string& name) {
+      if (name == "AVX512" || name == "avx512") return Isa::kAvx512;
+      if (name == "AVX2" || name == "avx2") return Isa::kAvx2;
+      return Isa::kBase;
+    };
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    Isa best = Isa::kBase;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      best = Isa::kAvx2;
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        best = Isa::kAvx512;
+    }
+    best = std::min(best, level(at::get_cpu_capability()));
+    if (const char* env = std::getenv("BATCHRENORM_CPU_ISA")) best = std::min(best, level(env));
+    return best;
   }();
-  return ok;
+  return isa;
 #else
-  return false;
+  return Isa::kBase;
 #endif
 }
 
-#if defined(BRN_HAVE_AVX2_KERNELS)
-#define BRN_CALL_KERNEL(...) \
-  (use_avx2() ? avx2::__VA_ARGS__ : base::__VA_ARGS__)
+#if defined(BRN_HAVE_X86_KERNELS)
+#define BRN_CALL_KERNEL(...)                                    \
+  (cpu_isa() == Isa::kAvx512 ? avx512::__VA_ARGS__              \
+   : cpu_isa() == Isa::kAvx2 ? avx2::__VA_ARGS__ : base::__VA_ARGS__)
 #else
 #define BRN_CALL_KERNEL(...) base::__VA_ARGS__
 #endif
@@ -512,7 +532,13 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
 }  // namespace
 
 // The instruction set the CPU kernels run with ("avx2" or "base"), for tests and reports.
-const char* kernels_isa() { return use_avx2() ? "avx2" : "base"; }
+const char* kernels_isa() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
 
 }  // namespace cpu
 }  // namespace batchrenorm

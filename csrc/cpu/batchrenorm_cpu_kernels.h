@@ -1,10 +1,10 @@
 // batchrenorm_cpu_kernels.h: the interface between the CPU ops (batchrenorm_cpu.cpp: checks,
 // layouts, per-channel coefficients) and the vectorised loops (batchrenorm_cpu_kernels_impl.h).
 //
-// The loops are compiled twice: namespace `base` for the baseline instruction set, and, on
-// x86-64, namespace `avx2` with AVX2 + FMA + F16C, picked at run time when the CPU has them
-// (the extension itself is built without -m flags, so a wheel runs anywhere). Only plain data
-// crosses this interface.
+// The loops are compiled three times: namespace `base` for the baseline instruction set, and,
+// on x86-64, namespaces `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/DQ as well),
+// one picked at run time as ATen picks its own (the extension itself is built without -m
+// flags, so a wheel runs anywhere). Only plain data crosses this interface.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -87,8 +87,9 @@ constexpr int64_t kFusedGradMaxValues = 65536;
 
 BRN_DECLARE_CPU_KERNELS(base)
 #if defined(__x86_64__) && defined(__GNUC__)
-#define BRN_HAVE_AVX2_KERNELS 1
+#define BRN_HAVE_X86_KERNELS 1
 BRN_DECLARE_CPU_KERNELS(avx2)
+BRN_DECLARE_CPU_KERNELS(avx512)
 #endif
 #undef BRN_DECLARE_CPU_KERNELS
 

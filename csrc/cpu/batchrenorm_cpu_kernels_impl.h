@@ -1,9 +1,10 @@
 // batchrenorm_cpu_kernels_impl.h: the CPU kernel templates, compiled once per instruction set.
 //
 // Included only by batchrenorm_cpu_kernels_<isa>.cpp, each of which defines BRN_CPU_ISA (the
-// namespace) and, for AVX2, the target and at::vec's CPU_CAPABILITY first: at::vec::Vectorized
-// then uses 256-bit registers there, and the portable file keeps the baseline instruction set.
-// Everything here lives in namespace BRN_CPU_ISA so the two copies never share a symbol.
+// namespace) and, for AVX2 and AVX-512, the target and at::vec's CPU_CAPABILITY first:
+// at::vec::Vectorized then uses 256- or 512-bit registers there, and the portable file keeps
+// the baseline instruction set. Everything here lives in namespace BRN_CPU_ISA so the copies
+// never share a symbol.
 // See batchrenorm_cpu.cpp for the layouts, the numerics and the determinism argument.
 #pragma once
 
