@@ -358,14 +358,18 @@ void grad_coeffs(const void* context, int64_t c, const GradSums& s, acc_t* m, ac
   }
 }
 
-// The fused kernel's per-channel callback: the parameters' gradients as well, in the kernel's
-// parallel loop rather than in a serial one after it (on a 7 x 7 map with 2,048 channels that
-// loop cost as much as a thread's share of the kernel).
+// The fused kernel's callback for a block of channels: the parameters' gradients as well, in
+// the kernel's parallel loop rather than in a serial one after it (on a 7 x 7 map with 2,048
+// channels that loop cost as much as a thread's share of the kernel).
 template <typename acc_t>
-void grad_coeffs_and_params(const void* context, int64_t c, const GradSums& s, acc_t* m,
-                            acc_t* a, acc_t* b, acc_t* k) {
-  param_grads(*static_cast<const GradContext<acc_t>*>(context), c, s);
-  grad_coeffs<acc_t>(context, c, s, m, a, b, k);
+void grad_coeffs_and_params(const void* context, int64_t c0, int64_t c1, const GradSums* sums,
+                            acc_t* m, acc_t* a, acc_t* b, acc_t* k) {
+  const auto& ctx = *static_cast<const GradContext<acc_t>*>(context);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t j = c - c0;
+    param_grads(ctx, c, sums[c]);
+    grad_coeffs<acc_t>(context, c, sums[c], &m[j], &a[j], &b[j], &k[j]);
+  }
 }
 
 // The fused backward (grad_planes_fused) for NCHW training steps whose channels stay in cache:

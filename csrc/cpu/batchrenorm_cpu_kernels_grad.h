@@ -230,8 +230,7 @@ void grad_planes_fused(scalar_t* po, const scalar_t* pg, const scalar_t* px, con
       const int64_t c1 = std::min(end, c0 + block);
       for (int64_t c = c0; c < c1; ++c)
         sums[c] = plane_grad_sums<scalar_t, true>(pg, px, g, c, 0, count, m[c]);
-      for (int64_t c = c0; c < c1; ++c)
-        coeffs.fn(coeffs.ctx, c, sums[c], &cm[c - c0], &ca[c - c0], &cb[c - c0], &ck[c - c0]);
+      coeffs.fn(coeffs.ctx, c0, c1, sums, cm, ca, cb, ck);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t j = c - c0;
         for_each_run(g, c, 0, count, [&](int64_t off, int64_t len) {
