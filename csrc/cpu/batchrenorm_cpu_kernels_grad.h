@@ -152,24 +152,40 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
       std::vector<acc_t> acc(3 * V * std::max<int64_t>(nvec, 1));
       for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
         const int64_t r1 = std::min(r_end, r0 + kRowChunk);
-        // Row by row over the item's channels (sequential memory), float accumulators in L1.
+        // Over the item's channels a few rows at a time (kRows sequential streams per tensor),
+        // float accumulators in L1, each loaded and stored once per kRows rows: stored at
+        // every row, their three stores per vector bounded the loop while the data was in
+        // L2. Each lane adds its rows in row order either way, so the sums do not change.
         for (int64_t j = 0; j < nvec; ++j) {
           aVec(acc_t(0)).store(acc.data() + 3 * j * V);
           aVec(acc_t(0)).store(acc.data() + (3 * j + 1) * V);
           aVec(acc_t(0)).store(acc.data() + (3 * j + 2) * V);
         }
-        for (int64_t r = r0; r < r1; ++r) {
+        const auto accumulate_rows = [&](int64_t r, auto rows) {
+          constexpr int64_t kRows = decltype(rows)::value;
           const scalar_t* p = px_ + r * C + c0;
           const scalar_t* q = pg_ + r * C + c0;
           acc_t* A = acc.data();
           for (int64_t j = 0; j < nvec; ++j, A += 3 * V) {
-            const aVec gv = load_acc(q + j * V);
-            const aVec xc = load_acc(p + j * V) - aVec::loadu(m_ + c0 + j * V);
-            (aVec::loadu(A) + gv).store(A);
-            at::vec::fmadd(gv, xc, aVec::loadu(A + V)).store(A + V);
-            if constexpr (kCentre) (aVec::loadu(A + 2 * V) + xc).store(A + 2 * V);
+            const aVec mv = aVec::loadu(m_ + c0 + j * V);
+            aVec s0 = aVec::loadu(A), s1 = aVec::loadu(A + V), s2 = aVec::loadu(A + 2 * V);
+            for (int64_t i = 0; i < kRows; ++i) {
+              const aVec gv = load_acc(q + i * C + j * V);
+              const aVec xc = load_acc(p + i * C + j * V) - mv;
+              s0 = s0 + gv;
+              s1 = at::vec::fmadd(gv, xc, s1);
+              if constexpr (kCentre) s2 = s2 + xc;
+            }
+            s0.store(A);
+            s1.store(A + V);
+            if constexpr (kCentre) s2.store(A + 2 * V);
           }
-        }
+        };
+        constexpr int64_t kRows = 4;
+        int64_t r = r0;
+        for (; r + kRows <= r1; r += kRows)
+          accumulate_rows(r, std::integral_constant<int64_t, kRows>());
+        for (; r < r1; ++r) accumulate_rows(r, std::integral_constant<int64_t, 1>());
         for (int64_t j = 0; j < nvec; ++j) {
           const acc_t* A = acc.data() + 3 * j * V;
           for (int64_t l = 0; l < V; ++l) {
