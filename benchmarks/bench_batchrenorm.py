@@ -175,7 +175,9 @@ def run(args) -> Dict[str, object]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "default" if args.default_allocator else harness.keep_freed_memory()
     env = harness.environment(device)
+    env["cpu_allocator"] = allocator if device.type == "cpu" else None
     env["copy_gbps"] = harness.copy_bandwidth_gbps(device)
     env["extension_available"] = batchrenorm_cuda.extension_available(device.type)
     cfg = harness.TimerConfig(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
@@ -336,6 +338,8 @@ def markdown_report(result) -> str:
            f"csrc tree {result['csrc_tree']}{' (dirty)' if result.get('csrc_dirty') else ''}, "
            f"{result['timestamp']}, load average at start {result.get('loadavg_start')} "
            f"and end {result.get('loadavg_end')}."]
+    if result.get("cpu_allocator"):
+        out.append(f"CPU allocator: {result['cpu_allocator']}.")
     if result.get("copy_gbps"):
         out.append(f"Device-to-device copy bandwidth: {result['copy_gbps']:.0f} GB/s.")
     for name, reason in result.get("skipped", {}).items():
@@ -490,6 +494,9 @@ def parse_args(argv=None):
                    help="torch.set_num_threads (default: torch's, i.e. all cores). On a shared "
                         "machine 1 avoids OpenMP barriers waiting on a descheduled thread")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush L2 per sample")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="CPU: leave glibc's malloc as it is (by default the run tells it to keep "
+                        "freed memory, so that page faults on fresh outputs do not decide ratios)")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON path; .md and .png are written next to it "
                         "(default: benchmarks/results/<device>[_quick|_smoke].json)")

@@ -207,7 +207,8 @@ def markdown(result) -> str:
     env = result["environment"]
     lines += ["", f"{env['device']}, torch {env['torch']}, csrc tree {env['csrc_tree']} "
               f"(uncommitted csrc edits: {env['csrc_dirty']}, diff {env['csrc_diff_sha1']}), "
-              f"load average {result['loadavg_start']} -> {result['loadavg_end']}"]
+              f"load average {result['loadavg_start']} -> {result['loadavg_end']}, CPU "
+              f"allocator: {env.get('cpu_allocator', 'default')}"]
     lines += [f"\n{p}: {v['class']} {v['version']} ({v['settings']})"
               for p, v in result.get("peers", {}).items()]
     lines += [f"\n{p}: skipped, {why}" for p, why in result.get("peers_skipped", {}).items()]
@@ -250,6 +251,9 @@ def main(argv=None):
     p.add_argument("--rep-ms", type=float, default=1000.0,
                    help="time budget of the samples per case (at least --min-reps rounds)")
     p.add_argument("--min-reps", type=int, default=15)
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's malloc as it is (by default the run tells it to keep freed "
+                        "memory, so that page faults on fresh outputs do not decide ratios)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default results/modules_cpu_<cpu>.json); .md and .png too")
     args = p.parse_args(argv)
@@ -264,7 +268,9 @@ def main(argv=None):
     found, skipped = peers.available()
     for name, why in skipped.items():
         print(f"peer {name} skipped: {why}", flush=True)
-    result = dict(environment=harness.environment(device), loadavg_start=harness.loadavg(),
+    allocator = "default" if args.default_allocator else harness.keep_freed_memory()
+    result = dict(environment=dict(harness.environment(device), cpu_allocator=allocator),
+                  loadavg_start=harness.loadavg(),
                   peers={name: {"class": info["qualname"], "version": info["version"],
                                 "settings": peers.bench_settings(name)}
                          for name, info in found.items()},

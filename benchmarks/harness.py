@@ -315,6 +315,27 @@ def device_name(device: torch.device) -> str:
     return cpu_model_name()
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEPT = "glibc, freed memory kept (M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB)"
+
+
+def keep_freed_memory() -> str:
+    """Tell glibc to keep freed memory in the process (no mmap of its own per large block, no
+    trimming), as a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does.
+    Without it, whether an output lands on pages the kernel must first fault in depends on
+    what was freed before it: one CPU configuration's ratio moved from 0.38 to 1.90 between
+    runs of the same tree (benchmarks/NOTES.md, "Method"). Call before the inputs are made.
+    Returns what the allocator now does, for the results' environment."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "default (not glibc)"
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and \
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31) == 1
+    return _KEPT if ok else "default (mallopt refused)"
+
+
 def loadavg() -> Optional[List[float]]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -349,7 +370,8 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 
 __all__ = ["MODES", "TimerConfig", "Timing", "copy_bandwidth_gbps", "device_name",
-           "environment", "geomean", "loadavg", "measure", "measure_many", "minimal_bytes",
+           "environment", "geomean", "keep_freed_memory", "loadavg", "measure", "measure_many",
+           "minimal_bytes",
            "mode_step",
            "paired_ratio",
            "summarize", "asdict"]

@@ -24,7 +24,7 @@ def smoke_result(tmp_path_factory, load_benchmark):
     threads = torch.get_num_threads()
     try:
         bench.main(["--smoke", "--device", "cpu", "--no-progress", "--out", str(out),
-                    "--impls", "brn_fused,bn_native,brn_reference"])
+                    "--impls", "brn_fused,bn_native,brn_reference", "--default-allocator"])
     finally:
         torch.set_num_threads(threads)
     return bench, out, json.loads(out.read_text())
@@ -95,7 +95,7 @@ def test_module_benchmark_runs_and_writes_its_results(tmp_path, load_benchmark):
     threads = torch.get_num_threads()
     try:
         result = bench.main(["--quick", "--threads", "1", "--no-compile", "--rep-ms", "2",
-                             "--min-reps", "3", "--out", str(out)])
+                             "--min-reps", "3", "--default-allocator", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     rows = json.loads(out.read_text())["rows"]
@@ -115,3 +115,22 @@ def test_whole_networks_train_eager(load_benchmark):
             assert torch.isfinite(step()), (name, label)
         model = steps["brn"].__defaults__[0]
         assert any(isinstance(m, batchrenorm_cuda.modules._BatchRenorm) for m in model.modules())
+
+
+def test_cpu_runs_keep_freed_memory(tmp_path):
+    # By default a CPU run tells glibc to keep freed memory (so page faults on fresh outputs do
+    # not decide ratios) and says so in its results. In a child process: the setting is
+    # process-wide, and the in-process smoke runs above pass --default-allocator.
+    import platform
+    import subprocess
+    import sys
+    out = tmp_path / "alloc.json"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_batchrenorm as b; "
+            "b.main(['--smoke', '--device', 'cpu', '--no-progress', '--no-plot', "
+            "'--impls', 'bn_native', '--modes', 'fwd', '--out', sys.argv[2]])")
+    subprocess.run([sys.executable, "-c", code, str(BENCH_DIR), str(out)], check=True,
+                   capture_output=True, timeout=600)
+    allocator = json.loads(out.read_text())["cpu_allocator"]
+    if platform.libc_ver()[0] == "glibc":
+        assert allocator.startswith("glibc, freed memory kept"), allocator
+    assert f"CPU allocator: {allocator}." in out.with_suffix(".md").read_text()

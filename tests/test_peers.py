@@ -114,8 +114,8 @@ def test_bench_modules_times_peers_and_skips_missing_ones(tmp_path, monkeypatch,
     out = tmp_path / "modules.json"
     threads = torch.get_num_threads()
     try:
-        bench.main(["--quick", "--threads", "1", "--no-compile", "--rep-ms", "2",
-                    "--min-reps", "3", "--out", str(out)])
+        bench.main(["--quick", "--threads", "1", "--no-compile", "--default-allocator",
+                    "--rep-ms", "2", "--min-reps", "3", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
