@@ -3,20 +3,7 @@
 // that at::vec::Vectorized is its 256-bit specialisation here (in its own inline namespace).
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx,avx2,fma,f16c")
-// The pragma does not define the feature macros that headers test (sleef.h declares its
-// 256-bit functions under __AVX__); define them as -mavx2 -mfma -mf16c would.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "cpu/batchrenorm_cpu_avx2_macros.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define BRN_CPU_ISA avx2

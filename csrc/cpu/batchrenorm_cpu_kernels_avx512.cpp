@@ -4,19 +4,8 @@
 // at::vec::Vectorized is its 512-bit specialisation here.
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-// The feature macros the headers test, as -mavx512f -mavx512bw -mavx512vl -mavx512dq would define.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "cpu/batchrenorm_cpu_avx2_macros.h"
+// And those of -mavx512f -mavx512bw -mavx512vl -mavx512dq.
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
