@@ -29,6 +29,10 @@ def check_backend(caller: str, backend: object) -> None:
 
 def check_real(caller: str, name: str, value: object) -> None:
     # bool is a number to Python, but never a meant one here (as torch's float arguments).
+    # float and int first: the numbers.Real check is an ABC lookup, and this runs on every
+    # call of the fused path (four of them were 1.5 us of a 10 us call on small inputs).
+    if type(value) is float or type(value) is int:
+        return
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{caller}: {name} must be a float, got {type(value).__name__} "
                         f"{value!r}")
@@ -151,6 +155,10 @@ _Tensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[
                  Callable[[], None]]
 
 
+def _store_nothing() -> None:
+    pass
+
+
 def in_float32(module: torch.nn.Module) -> _Tensors:
     """(weight, bias, running_mean, running_var, store_back) to compute with. Low-precision
     parameters and buffers (model.half()) are replaced by float32 copies, as ATen and cuDNN
@@ -158,8 +166,13 @@ def in_float32(module: torch.nn.Module) -> _Tensors:
     casts are differentiable, so the half parameters get their gradients. Otherwise the
     module's own tensors, and store_back does nothing."""
     tensors = (module.weight, module.bias, module.running_mean, module.running_var)
-    if not any(t is not None and t.dtype in _LOW_PRECISION for t in tensors):
-        return (*tensors, lambda: None)
+    # A plain loop and a shared no-op, not any() over a generator and a new lambda: this runs
+    # on every module call (they were 1 us of the 3 us this function took).
+    for t in tensors:
+        if t is not None and t.dtype in _LOW_PRECISION:
+            break
+    else:
+        return (*tensors, _store_nothing)
     copies = tuple(None if t is None else t.float() for t in tensors)
 
     def store_back() -> None:
