@@ -217,7 +217,7 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
 
 // Why fused: the two-pass backward (channel_grad_sums, then elementwise) reads x and dy from
 // memory twice once the tensors outgrow the caches; here a channel's dx is written right after
-// its sums, while its N * S <= kFusedGradMaxValues values (<= 512 KiB of x and dy in float32)
+// its sums, while its N * S <= kFusedGradMaxValues values (<= 2 MiB of x and dy in float32)
 // are still in L2, as ATen's channels-first backward does. The sums are those of
 // plane_grad_sums over the whole channel (chunk by chunk, as channel_grad_sums, but in one
 // float64 accumulator rather than one per work item), and each channel is one task, so the
