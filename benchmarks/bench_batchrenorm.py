@@ -175,7 +175,7 @@ def run(args) -> Dict[str, object]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    allocator = "default" if args.default_allocator else harness.keep_freed_memory()
+    allocator = harness.cpu_allocator(args)
     env = harness.environment(device)
     env["cpu_allocator"] = allocator if device.type == "cpu" else None
     env["copy_gbps"] = harness.copy_bandwidth_gbps(device)
@@ -494,9 +494,7 @@ def parse_args(argv=None):
                    help="torch.set_num_threads (default: torch's, i.e. all cores). On a shared "
                         "machine 1 avoids OpenMP barriers waiting on a descheduled thread")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush L2 per sample")
-    p.add_argument("--default-allocator", action="store_true",
-                   help="CPU: leave glibc's malloc as it is (by default the run tells it to keep "
-                        "freed memory, so that page faults on fresh outputs do not decide ratios)")
+    harness.add_allocator_argument(p)
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON path; .md and .png are written next to it "
                         "(default: benchmarks/results/<device>[_quick|_smoke].json)")

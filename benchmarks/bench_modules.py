@@ -251,9 +251,7 @@ def main(argv=None):
     p.add_argument("--rep-ms", type=float, default=1000.0,
                    help="time budget of the samples per case (at least --min-reps rounds)")
     p.add_argument("--min-reps", type=int, default=15)
-    p.add_argument("--default-allocator", action="store_true",
-                   help="leave glibc's malloc as it is (by default the run tells it to keep freed "
-                        "memory, so that page faults on fresh outputs do not decide ratios)")
+    harness.add_allocator_argument(p)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default results/modules_cpu_<cpu>.json); .md and .png too")
     args = p.parse_args(argv)
@@ -268,8 +266,8 @@ def main(argv=None):
     found, skipped = peers.available()
     for name, why in skipped.items():
         print(f"peer {name} skipped: {why}", flush=True)
-    allocator = "default" if args.default_allocator else harness.keep_freed_memory()
-    result = dict(environment=dict(harness.environment(device), cpu_allocator=allocator),
+    result = dict(environment=dict(harness.environment(device),
+                                   cpu_allocator=harness.cpu_allocator(args)),
                   loadavg_start=harness.loadavg(),
                   peers={name: {"class": info["qualname"], "version": info["version"],
                                 "settings": peers.bench_settings(name)}

@@ -336,6 +336,19 @@ def keep_freed_memory() -> str:
     return _KEPT if ok else "default (mallopt refused)"
 
 
+def add_allocator_argument(parser) -> None:
+    """The CPU benchmarks' --default-allocator flag (see keep_freed_memory)."""
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="CPU: leave glibc's malloc as it is (by default the run tells it to "
+                             "keep freed memory, so that page faults on fresh outputs do not "
+                             "decide ratios)")
+
+
+def cpu_allocator(args) -> str:
+    """What the run's CPU allocator does, after keep_freed_memory() unless --default-allocator."""
+    return "default" if args.default_allocator else keep_freed_memory()
+
+
 def loadavg() -> Optional[List[float]]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -369,9 +382,9 @@ def environment(device: torch.device) -> Dict[str, object]:
     )
 
 
-__all__ = ["MODES", "TimerConfig", "Timing", "copy_bandwidth_gbps", "device_name",
-           "environment", "geomean", "keep_freed_memory", "loadavg", "measure", "measure_many",
-           "minimal_bytes",
+__all__ = ["MODES", "TimerConfig", "Timing", "add_allocator_argument", "copy_bandwidth_gbps",
+           "cpu_allocator", "device_name", "environment", "geomean", "keep_freed_memory",
+           "loadavg", "measure", "measure_many", "minimal_bytes",
            "mode_step",
            "paired_ratio",
            "summarize", "asdict"]

@@ -339,9 +339,8 @@ void param_grads(const GradContext<acc_t>& ctx, int64_t c, const GradSums& s) {
 // k = weight * r * invstd when training, dx = k * dy otherwise (a = b = 0). Called once per
 // channel, in the fused kernel's loop too: multiplications by 1 / count, no divisions.
 template <typename acc_t>
-void grad_coeffs(const void* context, int64_t c, const GradSums& s, acc_t* m, acc_t* a, acc_t* b,
-                 acc_t* k) {
-  const auto& ctx = *static_cast<const GradContext<acc_t>*>(context);
+void grad_coeffs(const GradContext<acc_t>& ctx, int64_t c, const GradSums& s, acc_t* m, acc_t* a,
+                 acc_t* b, acc_t* k) {
   const double inv = static_cast<double>(ctx.invstd[c]);
   const double scale = static_cast<double>(ctx.weight[c]) * static_cast<double>(ctx.r[c]) * inv;
   *k = static_cast<acc_t>(scale);
@@ -368,7 +367,7 @@ void grad_coeffs_and_params(const void* context, int64_t c0, int64_t c1, const G
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t j = c - c0;
     param_grads(ctx, c, sums[c]);
-    grad_coeffs<acc_t>(context, c, sums[c], &m[j], &a[j], &b[j], &k[j]);
+    grad_coeffs(ctx, c, sums[c], &m[j], &a[j], &b[j], &k[j]);
   }
 }
 
@@ -434,8 +433,8 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
         co.fold_grad = co.fold_grad &&
                        std::abs(static_cast<double>(vm[c]) * static_cast<double>(vi[c])) <= 16.0;
       for (int64_t c = 0; c < C; ++c)
-        grad_coeffs<acc_t>(&ctx, c, train ? sums[c] : GradSums(), &co.m[c], &co.a[c], &co.b[c],
-                           &co.k[c]);
+        grad_coeffs(ctx, c, train ? sums[c] : GradSums(), &co.m[c], &co.a[c], &co.b[c],
+                    &co.k[c]);
       if (train)
         elementwise<scalar_t, Form::kGrad>(grad_input, x, dy, g, co);
       else
@@ -535,7 +534,8 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
 
 }  // namespace
 
-// The instruction set the CPU kernels run with ("avx2" or "base"), for tests and reports.
+// The instruction set the CPU kernels run with ("avx512", "avx2" or "base"), for tests and
+// reports.
 const char* kernels_isa() {
   switch (cpu_isa()) {
     case Isa::kAvx512: return "avx512";
