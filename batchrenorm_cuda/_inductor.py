@@ -19,6 +19,14 @@ Registration is lazy: importing torch._inductor costs about 1.5 s, so the packag
 The fake kernel of `backward` calls `register_backward_layout` while AOTAutograd traces a
 backward graph, which happens before Inductor lowers it; if Inductor is not loaded by then,
 nothing is compiled with it and there is nothing to do.
+
+The same registration adds one rewrite to Inductor's post-grad pattern passes (its own list, not
+the user's `post_grad_custom_*_pass` slots): ReLU's backward feeding ours,
+`backward(where(le(relu_output, 0), 0, grad), ...)`, becomes `backward_relu(grad, relu_output,
+...)`, which masks the gradient as it loads it instead of reading a masked copy that Inductor
+wrote. Only where relu_output is a saved activation (already in memory: the next layer's input)
+and every user of the masked gradient is one of our backwards, so that the rewrite never makes
+Inductor write a tensor it would not have written. The values are the unfused graph's.
 """
 from __future__ import annotations
 
@@ -30,52 +38,142 @@ import torch
 _REGISTERED: set = set()
 
 
-def _grad_output_in_input_order(fx_node, *args, **kwargs):
-    try:
-        return _constrain(*args), kwargs
-    except Exception as e:  # pragma: no cover - depends on Inductor's private API
-        # Inductor's IR helpers differ across torch releases. Without the constraint the op
-        # gets what Inductor has, and the kernel converts grad_output itself: correct, slower.
-        _warn_once(f"could not apply backward's layout constraint ({type(e).__name__}: {e})")
-        return args, kwargs
+def _layout_constraint(constrained: tuple, input_index: int):
+    """A lowering's layout constraint: the arguments at `constrained` (gradient-shaped tensors)
+    in the stride order of the argument at `input_index`."""
+
+    def constraint(fx_node, *args, **kwargs):
+        try:
+            return _constrain(args, constrained, input_index), kwargs
+        except Exception as e:  # pragma: no cover - depends on Inductor's private API
+            # Inductor's IR helpers differ across torch releases. Without the constraint the op
+            # gets what Inductor has, and the kernel converts the gradient itself: correct,
+            # slower.
+            _warn_once(f"could not apply backward's layout constraint ({type(e).__name__}: {e})")
+            return args, kwargs
+
+    return constraint
 
 
-def _constrain(grad_output, input, *rest):
+def _constrain(args: tuple, constrained: tuple, input_index: int) -> tuple:
     from torch._inductor import ir
     from torch._inductor.virtualized import V
 
+    args = list(args)
     # Fix input's layout now, as the fallback kernel would next (ExternKernel.process_kernel),
     # so that the order read here is the one the kernel gets. In a backward graph input is a
     # saved activation, whose layout is already fixed.
-    input = ir.ExternKernel.realize_input(input)
+    input = ir.ExternKernel.realize_input(args[input_index])
     if ir.is_storage_and_layout(input):
         ir.as_storage_and_layout(input, freeze=True)
+    args[input_index] = input
     # Strides may be symbolic (dynamic shapes): the shape environment orders them.
     order = ir.get_stride_order(input.get_stride(), V.graph.sizevars.shape_env)
-    grad_output = ir.ExternKernel.require_stride_order(grad_output, order)
-    return (grad_output, input, *rest)
+    for i in constrained:
+        args[i] = ir.ExternKernel.require_stride_order(args[i], order)
+    return tuple(args)
 
 
 _WARNED: set = set()
 
 
-def _warn_once(message: str) -> None:
+def _warn_once(message: str, layouts: bool = True) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
-        warnings.warn(f"batchrenorm_cuda: {message}; compiled backward passes may copy "
-                      "grad_output to input's layout", RuntimeWarning, stacklevel=3)
+        consequence = ("; compiled backward passes may copy grad_output to input's layout"
+                       if layouts else "")
+        warnings.warn(f"batchrenorm_cuda: {message}{consequence}", RuntimeWarning, stacklevel=3)
 
 
-def register_backward_layout(op: torch._ops.OpOverload) -> None:
-    """Give `op` (a namespace's backward.default) its Inductor fallback with the constraint
-    above, once per op, if Inductor is loaded."""
-    if op in _REGISTERED or "torch._inductor.lowering" not in sys.modules:
+def register_backward_layout(namespace) -> None:
+    """Give `namespace`'s backward and backward_relu (an op namespace with batchrenorm's
+    schemas) their Inductor fallbacks with the constraints above, and the ReLU rewrite, once per
+    namespace, if Inductor is loaded."""
+    if namespace in _REGISTERED or "torch._inductor.lowering" not in sys.modules:
         return
-    _REGISTERED.add(op)
+    _REGISTERED.add(namespace)
+    backward, backward_relu = namespace.backward.default, namespace.backward_relu.default
     try:
         from torch._inductor.lowering import make_fallback
 
-        make_fallback(op, layout_constraint=_grad_output_in_input_order, warn=False)
+        # backward(grad_output, input, ...); backward_relu(grad_output, relu_output, input, ...)
+        make_fallback(backward, layout_constraint=_layout_constraint((0,), 1), warn=False)
+        make_fallback(backward_relu, layout_constraint=_layout_constraint((0, 1), 2), warn=False)
     except Exception as e:  # pragma: no cover - depends on Inductor's private API
-        _warn_once(f"could not register {op}'s layout constraint with Inductor "
+        _warn_once(f"could not register {backward}'s layout constraint with Inductor "
                    f"({type(e).__name__}: {e})")
+    _FUSED_RELU[backward] = backward_relu
+    try:
+        _register_relu_rewrite()
+    except Exception as e:  # pragma: no cover - depends on Inductor's private API
+        _warn_once(f"could not register the ReLU backward rewrite with Inductor "
+                   f"({type(e).__name__}: {e}); ReLU's backward runs as its own kernel",
+                   layouts=False)
+
+
+# backward -> backward_relu of each registered namespace.
+_FUSED_RELU: dict = {}
+_REWRITE_REGISTERED = False
+
+
+def _register_relu_rewrite() -> None:
+    global _REWRITE_REGISTERED
+    if _REWRITE_REGISTERED:
+        return
+    from torch._inductor.fx_passes.post_grad import pass_patterns
+    from torch._inductor.pattern_matcher import (MULTIPLE, CallFunction, KeywordArg,
+                                                 register_graph_pattern)
+
+    aten = torch.ops.aten
+    # ReLU's backward as AOTAutograd decomposes threshold_backward(grad, relu_output, 0).
+    pattern = CallFunction(aten.where.self,
+                           CallFunction(aten.le.Scalar, KeywordArg("relu_output"), 0,
+                                        _users=MULTIPLE),
+                           KeywordArg("zero"), KeywordArg("grad"))
+    register_graph_pattern(pattern, pass_dict=pass_patterns[0])(_fuse_relu_backward)
+    _REWRITE_REGISTERED = True
+
+
+def _is_zero(value) -> bool:
+    if isinstance(value, (int, float)):
+        return value == 0
+    return (isinstance(value, torch.fx.Node) and value.target is torch.ops.aten.full.default
+            and list(value.args[0]) == [] and value.args[1] == 0)
+
+
+def _fuse_relu_backward(match, relu_output, zero, grad) -> None:
+    try:
+        _rewrite(match.output_node(), relu_output, zero, grad)
+    except Exception as e:  # pragma: no cover - depends on Inductor's private API
+        # Each rewrite is whole before the next starts, so the graph stays valid.
+        _warn_once(f"the ReLU backward rewrite failed ({type(e).__name__}: {e}); ReLU's "
+                   "backward runs as its own kernel", layouts=False)
+
+
+def _rewrite(where, relu_output, zero, grad) -> None:
+    """backward(where(le(relu_output, 0), 0, grad), ...) -> backward_relu(grad, relu_output,
+    ...) for every user of `where`, if all of them are our backwards and the rewrite is safe."""
+    users = list(where.users)
+    if not users or not _is_zero(zero) or relu_output.op != "placeholder":
+        return
+    if any(u.target not in _FUSED_RELU or u.args[0] is not where or where in u.args[1:]
+           or u.kwargs for u in users):
+        return
+    # Every tensor of input's shape, dtype and device, as backward_relu requires (where() could
+    # broadcast its operands or promote their dtype).
+    vals = [n.meta.get("val") for n in [where, relu_output] + [u.args[1] for u in users]]
+    if not all(isinstance(t, torch.Tensor) and t.shape == vals[0].shape
+               and t.dtype == vals[0].dtype and t.device == vals[0].device for t in vals):
+        return
+    graph = where.graph
+    for user in users:
+        with graph.inserting_before(user):
+            fused = graph.call_function(_FUSED_RELU[user.target],
+                                        (grad, relu_output) + tuple(user.args[1:]))
+        fused.meta.update(user.meta)
+        user.replace_all_uses_with(fused)
+        graph.erase_node(user)
+    le = where.args[0]
+    graph.erase_node(where)
+    if not le.users:
+        graph.erase_node(le)

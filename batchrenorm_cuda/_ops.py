@@ -78,7 +78,8 @@ def _per_channel_like(input: Tensor, count: int):
 
 # Arguments of the schemas that are `Tensor`, not `Tensor?`: the dispatcher can still hand the
 # fake kernels None for them.
-_REQUIRED = ("grad_output", "mean", "invstd", "scale", "shift", "mean_dy", "mean_dy_xhat")
+_REQUIRED = ("grad_output", "relu_output", "mean", "invstd", "scale", "shift", "mean_dy",
+             "mean_dy_xhat")
 
 
 def _check_devices(op: str, input: Tensor, **tensors: Optional[Tensor]) -> None:
@@ -119,16 +120,26 @@ def register_fakes(namespace: str) -> None:
                        running_mean=running_mean, running_var=running_var)
         return torch.empty_like(input, memory_format=memory_format_of(input))
 
-    @torch.library.register_fake(f"{namespace}::backward")
-    def _backward_fake(grad_output, input, weight, mean, invstd, r, d, train, output_mask):
-        register_backward_layout(getattr(torch.ops, namespace).backward.default)
-        _check_devices("backward", input, grad_output=grad_output, weight=weight, mean=mean,
-                       invstd=invstd, r=r, d=d)
+    def _backward_outputs(input, mean, output_mask):
         grad_input = (torch.empty_like(input, memory_format=memory_format_of(input))
                       if output_mask[0] else None)
         grad_weight = mean.new_empty(mean.shape) if output_mask[1] else None
         grad_bias = mean.new_empty(mean.shape) if output_mask[2] else None
         return grad_input, grad_weight, grad_bias
+
+    @torch.library.register_fake(f"{namespace}::backward")
+    def _backward_fake(grad_output, input, weight, mean, invstd, r, d, train, output_mask):
+        register_backward_layout(getattr(torch.ops, namespace))
+        _check_devices("backward", input, grad_output=grad_output, weight=weight, mean=mean,
+                       invstd=invstd, r=r, d=d)
+        return _backward_outputs(input, mean, output_mask)
+
+    @torch.library.register_fake(f"{namespace}::backward_relu")
+    def _backward_relu_fake(grad_output, relu_output, input, weight, mean, invstd, r, d, train,
+                            output_mask):
+        _check_devices("backward_relu", input, grad_output=grad_output, relu_output=relu_output,
+                       weight=weight, mean=mean, invstd=invstd, r=r, d=d)
+        return _backward_outputs(input, mean, output_mask)
 
     @torch.library.register_fake(f"{namespace}::batch_stats")
     def _batch_stats_fake(input):

@@ -104,14 +104,20 @@ inline void check_per_channel(const char* op, const char* name,
   if (present(t)) check_per_channel(op, name, *t, x);
 }
 
-inline void check_grad_output(const char* op, const at::Tensor& dy, const at::Tensor& x) {
-  check_defined(op, "grad_output", dy);
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), op, ": grad_output must have the input's shape ",
-                    py_shape(x.sizes()), ", got ", py_shape(dy.sizes()));
-  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": grad_output must be ",
-                   py_dtype(x.scalar_type()), " like input, got ", py_dtype(dy.scalar_type()));
-  TORCH_CHECK(dy.device() == x.device(), op, ": grad_output is on ", dy.device(), ", expected ",
+// A tensor of input's shape, dtype and device (grad_output; relu_output of backward_relu).
+inline void check_like_input(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& x) {
+  check_defined(op, name, t);
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must have the input's shape ",
+                    py_shape(x.sizes()), ", got ", py_shape(t.sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must be ",
+                   py_dtype(x.scalar_type()), " like input, got ", py_dtype(t.scalar_type()));
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ",
               x.device(), " like input");
+}
+
+inline void check_grad_output(const char* op, const at::Tensor& dy, const at::Tensor& x) {
+  check_like_input(op, "grad_output", dy, x);
 }
 
 inline void check_eps(const char* op, double eps) {
@@ -204,6 +210,17 @@ inline void check_backward(const char* op, const at::Tensor& grad_output, const 
   check_per_channel(op, "invstd", invstd, input);
   check_per_channel(op, "r", r, input);
   check_per_channel(op, "d", d, input);
+}
+
+// backward_relu: backward's arguments and the ReLU output that masks grad_output.
+inline void check_backward_relu(const char* op, const at::Tensor& grad_output,
+                                const at::Tensor& relu_output, const at::Tensor& input,
+                                c10::DeviceType device_type,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                const at::Tensor& invstd, const std::optional<at::Tensor>& r,
+                                const std::optional<at::Tensor>& d) {
+  check_backward(op, grad_output, input, device_type, weight, mean, invstd, r, d);
+  check_like_input(op, "relu_output", relu_output, input);
 }
 
 inline void check_normalize(const char* op, const at::Tensor& input, c10::DeviceType device_type,

@@ -45,6 +45,16 @@ inline void define_ops(torch::Library& m) {
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
       "Tensor? r, Tensor? d, bool train, bool[3] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?)");
+  // backward of relu(batch_renorm(input)) from ReLU's incoming gradient: backward with
+  // grad_output zeroed where relu_output <= 0, as aten::threshold_backward(grad_output,
+  // relu_output, 0) would give it (a NaN lets the gradient through), without writing that
+  // masked gradient out. relu_output has input's shape and dtype. Inductor's graphs get it from
+  // the rewrite in batchrenorm_cuda/_inductor.py; its layout constraint is backward's, for both
+  // grad_output and relu_output.
+  m.def(
+      "backward_relu(Tensor grad_output, Tensor relu_output, Tensor input, Tensor? weight, "
+      "Tensor mean, Tensor invstd, Tensor? r, Tensor? d, bool train, bool[3] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?)");
 
   // The building blocks of the fused ops, for SyncBatchRenorm, which merges statistics across
   // processes between them (as nn.SyncBatchNorm uses batch_norm_stats / _elemt / _reduce):

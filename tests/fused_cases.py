@@ -2,14 +2,15 @@
 kernels, the CUDA kernels on a GPU and under the CUDA emulator; test_fused_ops.py): random
 inputs in each layout, a few training steps with the schedule active compared with the
 reference, then eval."""
+import pytest
 import torch
 from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
 from batchrenorm_cuda.functional import batch_renorm_scheduled as _batch_renorm
-from batchrenorm_cuda._testing import (buffer_tolerance, grad_tolerance, make_params,
-                                       tolerance)
+from batchrenorm_cuda._testing import (buffer_tolerance, fused_ops_namespace, grad_tolerance,
+                                       make_params, tolerance)
 
 # A schedule that is active from the second step on, so r and d really are clipped.
 SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
@@ -153,3 +154,56 @@ LAYOUT_CASES = [
     ((2, 19, 3, 4, 5), "channels_last_3d"),
     ((2, 4, 3, 4, 5), "slice"),
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends of the op-level tests (test_fused_kernels.py, test_backward_relu.py), which import
+# the fixture.
+
+class Target(str):
+    """The backend under test: its name (compares as a str), the device its tensors live on and
+    the op namespace that runs them."""
+
+    def __new__(cls, name: str, device: str, ops) -> "Target":
+        target = super().__new__(cls, name)
+        target.device, target.ops = device, ops
+        return target
+
+
+@pytest.fixture(name="backend", autouse=True, params=["cpu", "cuda", pytest.param(
+    "cuda_emulated", marks=pytest.mark.cuda_emulation)])
+def backend_fixture(request):
+    """`backend`: a Target per backend, for every test of a module that imports this (it
+    overrides conftest.py's `backend`, the public API's choice of implementation)."""
+    if request.param in ("cpu", "cuda"):
+        if not brn.extension_available(request.param):
+            pytest.skip(f"needs the {request.param} build of the extension"
+                        + (" and a GPU" if request.param == "cuda" else ""))
+        yield Target(request.param, request.param, torch.ops.batchrenorm)
+        return
+    emulation = request.getfixturevalue("cuda_emulation")
+    emulation.set_device(16, 2)
+    with fused_ops_namespace("batchrenorm_emulated_cuda") as ops:
+        yield Target("cuda_emulated", "cpu", ops)
+
+
+def op_samples(device, dtype=torch.float32, fmt=torch.contiguous_format, shape=(3, 5, 4, 6)):
+    C = shape[1]
+    x = (torch.randn(shape, device=device) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+    g = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    w, b, rm, rv = make_params(C, dtype, device=device)
+    sdt = reference.stat_dtype(dtype)
+    pc = lambda: torch.rand(C, dtype=sdt, device=device) + 0.5  # noqa: E731
+    return dict(
+        forward_train=(x, w, b, rm, rv, torch.tensor(2, device=device), 0.1, 1e-5, 1.5, 0.5, 1, 2,
+                       2),
+        forward_eval=(x, w, b, rm, rv, 1e-5),
+        backward=(g, x, w, pc(), pc(), pc(), pc(), True, [True, True, True]),
+        # A ReLU's output: about half exact zeros, so that the mask cuts both ways.
+        backward_relu=(g, torch.randn_like(g).relu(), x, w, pc(), pc(), pc(), pc(), True,
+                       [True, True, True]),
+        batch_stats=(x,),
+        normalize=(x, pc(), pc()),
+        backward_reduce=(g, x, pc(), pc()),
+        backward_input=(g, x, pc(), pc(), pc(), pc(), pc()),
+    )

@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 SAFE_ERRORS = (RuntimeError, ValueError, TypeError)
-OPS = ("forward_train", "forward_eval", "backward", "batch_stats", "normalize",
+OPS = ("forward_train", "forward_eval", "backward", "backward_relu", "batch_stats", "normalize",
        "backward_reduce", "backward_input")
 # Tensor arguments of each op, in schema order (the scalars follow in `_scalars`).
 TENSOR_ARGS = {
@@ -37,6 +37,8 @@ TENSOR_ARGS = {
                       "num_batches_tracked"),
     "forward_eval": ("input", "weight", "bias", "running_mean", "running_var"),
     "backward": ("grad_output", "input", "weight", "mean", "invstd", "r", "d"),
+    "backward_relu": ("grad_output", "relu_output", "input", "weight", "mean", "invstd", "r",
+                      "d"),
     "batch_stats": ("input",),
     "normalize": ("input", "scale", "shift"),
     "backward_reduce": ("grad_output", "input", "mean", "invstd"),
@@ -108,7 +110,8 @@ class Call:
         def pc(lo, hi):
             return (torch.rand(C, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(sdt)
 
-        args = {"input": x(), "grad_output": x(), "weight": pc(0.5, 1.5), "bias": pc(-1, 1),
+        args = {"input": x(), "grad_output": x(), "relu_output": x().relu(),
+                "weight": pc(0.5, 1.5), "bias": pc(-1, 1),
                 "running_mean": pc(-1, 1), "running_var": pc(0.5, 2), "mean": pc(-0.5, 0.5),
                 "invstd": pc(0.5, 2), "r": pc(0.5, 2), "d": pc(-1, 1), "scale": pc(-2, 2),
                 "shift": pc(-1, 1), "mean_dy": pc(-1, 1), "mean_dy_xhat": pc(-1, 1),
@@ -123,7 +126,7 @@ class Call:
                         r_max_ramp_steps=rng.choice((0, 5)), d_max_ramp_steps=rng.choice((0, 5)))
         if self.op == "forward_eval":
             return dict(eps=1e-3)
-        if self.op == "backward":
+        if self.op in ("backward", "backward_relu"):
             return dict(train=rng.random() < 0.5,
                         output_mask=[rng.random() < 0.7 for _ in range(3)])
         return {}
@@ -243,14 +246,14 @@ def expected(call: Call) -> Tuple[Any, Dict[str, torch.Tensor]]:
     sdt = _stat(x.dtype)
     C = x.shape[1]
     for k, v in a.items():
-        if k in ("input", "grad_output", "num_batches_tracked") or v is None:
+        if k in ("input", "grad_output", "relu_output", "num_batches_tracked") or v is None:
             continue
         if v.shape != (C,) or v.dtype != sdt:
             raise ValueError(k)
-    if "grad_output" in a:
-        dy = a["grad_output"]
-        if dy is None or dy.shape != x.shape or dy.dtype != x.dtype:
-            raise ValueError("grad_output")
+    for name in ("grad_output", "relu_output"):
+        if name in a and (a[name] is None or a[name].shape != x.shape
+                          or a[name].dtype != x.dtype):
+            raise ValueError(name)
     if x.numel() >= 2 ** 31:
         raise RuntimeError("too big to compute here")
     dims = (0,) + tuple(range(2, x.dim()))
@@ -291,6 +294,8 @@ def expected(call: Call) -> Tuple[Any, Dict[str, torch.Tensor]]:
             raise TypeError("None")
         return ((xs * a["scale"].view(shape) + a["shift"].view(shape)).to(x.dtype),), {}
     dy = a["grad_output"].to(sdt)
+    if call.op == "backward_relu":
+        dy = torch.ops.aten.threshold_backward(dy, a["relu_output"].to(sdt), 0)
     if a["mean"] is None or a["invstd"] is None:
         raise TypeError("None")
     xhat = (xs - a["mean"].view(shape)) * a["invstd"].view(shape)

@@ -295,3 +295,72 @@ def test_compiled_backward_without_the_layout_constraint_still_matches(monkeypat
     twin(x).square().sum().backward()
     for (n, p), (_, q) in zip(net.named_parameters(), twin.named_parameters()):
         assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+class _Residual(nn.Module):
+    """relu(norm(conv(x)) + skip(x)) -> conv: the masked gradient feeds the norm's backward and,
+    through the sum, `skip`'s (another norm's, or a convolution's)."""
+
+    def __init__(self, skip_norm: bool):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(4, 8, 3, padding=1), brn.BatchRenorm2d(8, **SCHEDULE)
+        self.skip = (nn.Sequential(nn.Conv2d(4, 8, 1), brn.BatchRenorm2d(8, **SCHEDULE))
+                     if skip_norm else nn.Conv2d(4, 8, 1))
+        self.head = nn.Conv2d(8, 2, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x)) + self.skip(x)))
+
+
+# (network, backward_relu calls, backward calls) in one compiled training step.
+RELU_CASES = [
+    # The ReLU's output is the next convolution's input, saved for its backward: fused.
+    (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), brn.BatchRenorm2d(8, **SCHEDULE),
+                           nn.ReLU(), nn.Conv2d(8, 2, 3)), 1, 0),
+    # Nothing keeps the ReLU's output (the pool's backward needs none): the partitioner
+    # recomputes it in the backward, and fusing would make Inductor write it: left alone.
+    (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), brn.BatchRenorm2d(8, **SCHEDULE),
+                           nn.ReLU(), nn.AdaptiveAvgPool2d(1)), 0, 1),
+    # The masked gradient feeds two norms' backwards: both fused.
+    (lambda: _Residual(skip_norm=True), 2, 0),
+    # ... a norm's and a convolution's: the convolution needs it written, so neither.
+    (lambda: _Residual(skip_norm=False), 0, 1),
+]
+
+
+@pytest.mark.parametrize("make,n_fused,n_plain", RELU_CASES)
+def test_compiled_relu_backward_is_fused_where_it_saves_a_pass(make, n_fused, n_plain):
+    """_inductor.py rewrites ReLU's backward feeding ours into backward_relu, where that writes
+    nothing new; the gradients stay eager's, and the user's own post-grad pass slots stay free
+    (one is set here, and runs)."""
+    from torch._inductor import config as inductor_config
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class RecordBackwards(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.batchrenorm.backward.default,
+                        torch.ops.batchrenorm.backward_relu.default):
+                calls.append(func)
+            if func is torch.ops.batchrenorm.backward_relu.default:
+                grad_output, relu_output, input = args[:3]
+                assert grad_output.stride() == relu_output.stride() == input.stride()
+            return func(*args, **(kwargs or {}))
+
+    user_pass_runs = []
+    torch.manual_seed(0)
+    net = make()
+    twin = copy.deepcopy(net)
+    x = torch.randn(3, 4, 6, 6)
+    with inductor_config.patch(force_disable_caches=True,
+                               post_grad_custom_post_pass=lambda g: user_pass_runs.append(1)):
+        loss = torch.compile(net, backend="inductor", fullgraph=True)(x).square().sum()
+        with RecordBackwards():
+            loss.backward()
+    assert user_pass_runs, "the user's post-grad pass did not run"
+    assert calls.count(torch.ops.batchrenorm.backward_relu.default) == n_fused, calls
+    assert calls.count(torch.ops.batchrenorm.backward.default) == n_plain, calls
+    twin(x).square().sum().backward()
+    for (n, p), (_, q) in zip(net.named_parameters(), twin.named_parameters()):
+        assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)

@@ -1,7 +1,7 @@
 """Each build of the CPU kernels (csrc/cpu/batchrenorm_cpu_kernels_{base,avx2,avx512}.cpp) runs
-the fused-vs-reference cases of test_fused_kernels.py (CPU backend). The main test process uses
-the highest one this CPU and ATen allow; each lower one runs here, in a process that
-BATCHRENORM_CPU_ISA forces to it, after checking that it took effect."""
+the fused-vs-reference cases of test_fused_kernels.py and test_backward_relu.py (CPU backend).
+The main test process uses the highest one this CPU and ATen allow; each lower one runs here,
+in a process that BATCHRENORM_CPU_ISA forces to it, after checking that it took effect."""
 import os
 import subprocess
 import sys
@@ -20,10 +20,11 @@ _CHILD = """
 import sys
 import pytest
 from batchrenorm_cuda import _ops
-assert _ops._C.cpu_kernels_isa() == sys.argv[2], (_ops._C.cpu_kernels_isa(), sys.argv[2])
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", sys.argv[1],
+assert _ops._C.cpu_kernels_isa() == sys.argv[1], (_ops._C.cpu_kernels_isa(), sys.argv[1])
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", *sys.argv[2:],
                       "-k", "cpu and (training_steps or not_affine or momentum_none "
-                            "or without_running_stats or large_inputs or ops_match)"]))
+                            "or without_running_stats or large_inputs or ops_match "
+                            "or masked_gradient)"]))
 """
 
 
@@ -52,8 +53,8 @@ def test_lower_isa_kernels_match_the_reference(isa):
     if ISAS.index(isa) >= ISAS.index(brn._ops._C.cpu_kernels_isa()):
         pytest.skip(f"the main test process runs {brn._ops._C.cpu_kernels_isa()} already")
     env = dict(os.environ, BATCHRENORM_CPU_ISA=isa)
-    run = subprocess.run([sys.executable, "-c", _CHILD,
-                          os.path.join(HERE, "test_fused_kernels.py"), isa],
+    files = [os.path.join(HERE, f) for f in ("test_fused_kernels.py", "test_backward_relu.py")]
+    run = subprocess.run([sys.executable, "-c", _CHILD, isa, *files],
                          cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]

@@ -20,37 +20,14 @@ from torch.testing import assert_close
 
 import batchrenorm_cuda as brn
 from batchrenorm_cuda import reference
-from batchrenorm_cuda._testing import DTYPES, fused_ops_namespace, make_params, tolerance
+from batchrenorm_cuda._testing import DTYPES, make_params, tolerance
 
 import fused_cases
+from fused_cases import backend_fixture  # noqa: F401 - autouse: every test on every backend
+from fused_cases import op_samples
 from fused_cases import buffer_tol as _buffer_tol
 from fused_cases import grad_tol as _grad_tol
 from fused_cases import train_step as _step
-
-class Target(str):
-    """The backend under test: its name (compares as a str), the device its tensors live on and
-    the op namespace that runs them."""
-
-    def __new__(cls, name: str, device: str, ops) -> "Target":
-        target = super().__new__(cls, name)
-        target.device, target.ops = device, ops
-        return target
-
-
-@pytest.fixture(autouse=True, params=["cpu", "cuda", pytest.param(
-    "cuda_emulated", marks=pytest.mark.cuda_emulation)])
-def backend(request):
-    if request.param in ("cpu", "cuda"):
-        if not brn.extension_available(request.param):
-            pytest.skip(f"needs the {request.param} build of the extension"
-                        + (" and a GPU" if request.param == "cuda" else ""))
-        yield Target(request.param, request.param, torch.ops.batchrenorm)
-        return
-    emulation = request.getfixturevalue("cuda_emulation")
-    emulation.set_device(16, 2)
-    with fused_ops_namespace("batchrenorm_emulated_cuda") as ops:
-        yield Target("cuda_emulated", "cpu", ops)
-
 
 def gpu_only(backend):
     if backend != "cuda":
@@ -278,33 +255,15 @@ def test_property_random_shapes(n, c, spatial, big, kind, dtype, backend):
 # ---------------------------------------------------------------------------------------------
 # The ops called directly.
 
-def _op_samples(device, dtype=torch.float32, fmt=torch.contiguous_format, shape=(3, 5, 4, 6)):
-    C = shape[1]
-    x = (torch.randn(shape, device=device) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
-    g = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
-    w, b, rm, rv = make_params(C, dtype, device=device)
-    sdt = reference.stat_dtype(dtype)
-    pc = lambda: torch.rand(C, dtype=sdt, device=device) + 0.5  # noqa: E731
-    return dict(
-        forward_train=(x, w, b, rm, rv, torch.tensor(2, device=device), 0.1, 1e-5, 1.5, 0.5, 1, 2,
-                       2),
-        forward_eval=(x, w, b, rm, rv, 1e-5),
-        backward=(g, x, w, pc(), pc(), pc(), pc(), True, [True, True, True]),
-        batch_stats=(x,),
-        normalize=(x, pc(), pc()),
-        backward_reduce=(g, x, pc(), pc()),
-        backward_input=(g, x, pc(), pc(), pc(), pc(), pc()),
-    )
-
-
 @pytest.mark.parametrize("dtype,fmt", [(torch.float32, torch.contiguous_format),
                                        (torch.bfloat16, torch.channels_last),
                                        (torch.float16, torch.contiguous_format),
                                        (torch.float64, torch.channels_last)], ids=str)
-@pytest.mark.parametrize("name", ["forward_train", "forward_eval", "backward", "batch_stats",
-                                  "normalize", "backward_reduce", "backward_input"])
+@pytest.mark.parametrize("name", ["forward_train", "forward_eval", "backward", "backward_relu",
+                                  "batch_stats", "normalize", "backward_reduce",
+                                  "backward_input"])
 def test_opcheck(name, dtype, fmt, backend):
-    args = _op_samples(backend.device, dtype, fmt)[name]
+    args = op_samples(backend.device, dtype, fmt)[name]
     tests = ("test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_dynamic")
     torch.library.opcheck(getattr(backend.ops, name).default, args, test_utils=tests)
@@ -326,7 +285,7 @@ def test_ops_match_cpu_kernels(dtype, shape, fmt, backend):
         pytest.skip("the CPU kernels are what the other backends are compared with here")
     if not brn.extension_available("cpu"):
         pytest.skip("needs the compiled CPU kernels")
-    samples = _op_samples(backend.device, dtype, fmt, shape)
+    samples = op_samples(backend.device, dtype, fmt, shape)
     tol = tolerance(dtype)
     for name, args in samples.items():
         if name == "forward_train":
@@ -432,7 +391,7 @@ def test_poisoned_allocations_catch_an_unwritten_output(backend):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(3, 7, 9, 11), (3, 9, 9, 11)])  # CPU: 2-pass, fused backward
 def test_no_poison_survives(fmt, shape, backend):
-    samples = _op_samples(backend.device, torch.float32, fmt, shape)
+    samples = op_samples(backend.device, torch.float32, fmt, shape)
     for name, args in samples.items():
         if name == "forward_train":
             args = args[:3] + (args[3].clone(), args[4].clone(), args[5].clone()) + args[6:]

@@ -121,13 +121,24 @@ std::vector<Moments> channel_moments(const Tensor& x, const Geometry& g) {
   return out;
 }
 
+// relu_output: undefined, or the tensor that masks dy (Form's kMasked), in dy's layout.
+template <typename scalar_t>
+const scalar_t* data_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
 template <typename scalar_t, bool kCentre>
-std::vector<GradSums> channel_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g,
+std::vector<GradSums> channel_grad_sums(const Tensor& dy, const Tensor& relu_output,
+                                        const Tensor& x, const Geometry& g,
                                         const acc_type<scalar_t>* mean) {
   std::vector<GradSums> out(g.C);
   const scalar_t* pg = dy.data_ptr<scalar_t>();
+  const scalar_t* pz = data_or_null<scalar_t>(relu_output);
   const scalar_t* px = x.data_ptr<scalar_t>();
-  BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre>(pg, px, g, mean, out.data()));
+  if (pz != nullptr)
+    BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre, true>(pg, pz, px, g, mean, out.data()));
+  else
+    BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre, false>(pg, pz, px, g, mean, out.data()));
   return out;
 }
 
@@ -143,8 +154,8 @@ struct CoeffArrays {  // per channel, in acc_t: m, a, b, k of Form, in one alloc
 };
 
 template <typename scalar_t, Form kForm>
-void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Geometry& g,
-                 const CoeffArrays<acc_type<scalar_t>>& co) {
+void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Tensor& relu_output,
+                 const Geometry& g, const CoeffArrays<acc_type<scalar_t>>& co) {
   using acc_t = acc_type<scalar_t>;
   Coeffs<acc_t> c{co.m, co.a, co.b, co.k};
   // rows layout: fold the centre into the constant, out = x * a + (b - m * a) (+ dy * k), so
@@ -171,8 +182,16 @@ void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Geometry&
   }
   const scalar_t* px = kForm == Form::kScale ? nullptr : x.data_ptr<scalar_t>();
   const scalar_t* pg = kForm == Form::kAffine ? nullptr : dy.data_ptr<scalar_t>();
+  const scalar_t* pz = data_or_null<scalar_t>(relu_output);
   scalar_t* po = out.data_ptr<scalar_t>();
-  BRN_CALL_KERNEL(elementwise<scalar_t, kForm>(po, px, pg, g, c));
+  if constexpr (kForm == Form::kAffine) {
+    BRN_CALL_KERNEL(elementwise<scalar_t, kForm, false>(po, px, pg, pz, g, c));
+  } else {
+    if (pz != nullptr)
+      BRN_CALL_KERNEL(elementwise<scalar_t, kForm, true>(po, px, pg, pz, g, c));
+    else
+      BRN_CALL_KERNEL(elementwise<scalar_t, kForm, false>(po, px, pg, pz, g, c));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
       s_d[c] = k.d;
       if (has_running) update_running<acc_t>(mean_a, var_a, count, factor, prm + c, prv + c);
     }
-    elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), g, co);
+    elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), Tensor(), g, co);
     if (has_running) {
       if (!running_mean->is_same(rm)) running_mean->copy_(rm);
       if (!running_var->is_same(rv)) running_var->copy_(rv);
@@ -293,7 +312,7 @@ Tensor forward_eval(const Tensor& input, const std::optional<Tensor>& weight,
       co.a[c] = invstd * w[c];
       co.b[c] = b[c];
     }
-    elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), g, co);
+    elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), Tensor(), g, co);
   });
   return output;
 }
@@ -380,19 +399,17 @@ inline bool fused_grad_applies(const Geometry& g, bool train) {
 }
 
 using OptTensor = std::optional<Tensor>;
-using OptTensor = std::optional<Tensor>;
 
-std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, const Tensor& input,
-                                            const std::optional<Tensor>& weight,
-                                            const Tensor& mean, const Tensor& invstd,
-                                            const std::optional<Tensor>& r,
-                                            const std::optional<Tensor>& d, bool train,
-                                            std::array<bool, 3> output_mask) {
-  constexpr const char* op = "batchrenorm::backward";
-  check_backward(op, grad_output, input, kDevice, weight, mean, invstd, r, d);
+// backward and backward_relu: relu_output undefined, or the ReLU output that masks grad_output.
+std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
+    const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
+    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+    const std::optional<Tensor>& r, const std::optional<Tensor>& d, bool train,
+    std::array<bool, 3> output_mask) {
   InputLayout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
+  const Tensor z = relu_output.defined() ? match_layout(relu_output, g) : Tensor();
   const int64_t C = g.C;
   const double count = static_cast<double>(g.count());
   const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && train);
@@ -416,14 +433,21 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
       // (grad_planes_fused).
       sums.resize(C);
       const GradCoeffFn<acc_t> coeffs{&grad_coeffs_and_params<acc_t>, &ctx};
-      BRN_CALL_KERNEL(grad_planes_fused<scalar_t>(grad_input.data_ptr<scalar_t>(),
-                                                  dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                  g, vm.data(), coeffs, sums.data()));
+      scalar_t* po = grad_input.data_ptr<scalar_t>();
+      const scalar_t* pg = dy.data_ptr<scalar_t>();
+      const scalar_t* pz = data_or_null<scalar_t>(z);
+      const scalar_t* px = x.data_ptr<scalar_t>();
+      if (pz != nullptr)
+        BRN_CALL_KERNEL(grad_planes_fused<scalar_t, true>(po, pg, pz, px, g, vm.data(), coeffs,
+                                                          sums.data()));
+      else
+        BRN_CALL_KERNEL(grad_planes_fused<scalar_t, false>(po, pg, pz, px, g, vm.data(), coeffs,
+                                                           sums.data()));
     } else if (need_sums) {
       // With the batch's own statistics, sum(x - mean) recovers the float64 mean's residue
       // that the saved (rounded) mean lost: mean_true = mean + sum(x - mean) / count.
-      sums = train ? channel_grad_sums<scalar_t, true>(dy, x, g, vm.data())
-                   : channel_grad_sums<scalar_t, false>(dy, x, g, vm.data());
+      sums = train ? channel_grad_sums<scalar_t, true>(dy, z, x, g, vm.data())
+                   : channel_grad_sums<scalar_t, false>(dy, z, x, g, vm.data());
       for (int64_t c = 0; c < C; ++c) param_grads(ctx, c, sums[c]);
     }
     if (output_mask[0] && !fused) {
@@ -436,12 +460,35 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, 
         grad_coeffs(ctx, c, train ? sums[c] : GradSums(), &co.m[c], &co.a[c], &co.b[c],
                     &co.k[c]);
       if (train)
-        elementwise<scalar_t, Form::kGrad>(grad_input, x, dy, g, co);
+        elementwise<scalar_t, Form::kGrad>(grad_input, x, dy, z, g, co);
       else
-        elementwise<scalar_t, Form::kScale>(grad_input, x, dy, g, co);
+        elementwise<scalar_t, Form::kScale>(grad_input, x, dy, z, g, co);
     }
   });
   return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
+}
+
+std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, const Tensor& input,
+                                            const std::optional<Tensor>& weight,
+                                            const Tensor& mean, const Tensor& invstd,
+                                            const std::optional<Tensor>& r,
+                                            const std::optional<Tensor>& d, bool train,
+                                            std::array<bool, 3> output_mask) {
+  check_backward("batchrenorm::backward", grad_output, input, kDevice, weight, mean, invstd, r,
+                 d);
+  return backward_impl(grad_output, Tensor(), input, weight, mean, invstd, r, d, train,
+                       output_mask);
+}
+
+std::tuple<OptTensor, OptTensor, OptTensor> backward_relu(
+    const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
+    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+    const std::optional<Tensor>& r, const std::optional<Tensor>& d, bool train,
+    std::array<bool, 3> output_mask) {
+  check_backward_relu("batchrenorm::backward_relu", grad_output, relu_output, input, kDevice,
+                      weight, mean, invstd, r, d);
+  return backward_impl(grad_output, relu_output, input, weight, mean, invstd, r, d, train,
+                       output_mask);
 }
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
@@ -478,7 +525,7 @@ Tensor normalize(const Tensor& input, const Tensor& scale, const Tensor& shift) 
       co.a[c] = a[c];
       co.b[c] = b[c];
     }
-    elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), g, co);
+    elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), Tensor(), g, co);
   });
   return output;
 }
@@ -494,7 +541,8 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_backward_reduce_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const ChannelView<acc_t> vm(mean, 0.0), vi(invstd, 1.0);
-    const std::vector<GradSums> sums = channel_grad_sums<scalar_t, false>(dy, x, g, vm.data());
+    const std::vector<GradSums> sums =
+        channel_grad_sums<scalar_t, false>(dy, Tensor(), x, g, vm.data());
     acc_t* s0 = sum_dy.data_ptr<acc_t>();
     acc_t* s1 = sum_dy_xhat.data_ptr<acc_t>();
     for (int64_t c = 0; c < g.C; ++c) {
@@ -527,7 +575,7 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
       co.a[c] = static_cast<acc_t>(-s * static_cast<double>(vi[c]) * static_cast<double>(mdx[c]));
       co.b[c] = static_cast<acc_t>(-s * static_cast<double>(md[c]));
     }
-    elementwise<scalar_t, Form::kGrad>(grad_input, x, dy, g, co);
+    elementwise<scalar_t, Form::kGrad>(grad_input, x, dy, Tensor(), g, co);
   });
   return grad_input;
 }
@@ -551,6 +599,7 @@ TORCH_LIBRARY_IMPL(batchrenorm, CPU, m) {
   m.impl("forward_train", &batchrenorm::cpu::forward_train);
   m.impl("forward_eval", &batchrenorm::cpu::forward_eval);
   m.impl("backward", &batchrenorm::cpu::backward);
+  m.impl("backward_relu", &batchrenorm::cpu::backward_relu);
   m.impl("batch_stats", &batchrenorm::cpu::batch_stats);
   m.impl("normalize", &batchrenorm::cpu::normalize);
   m.impl("backward_reduce", &batchrenorm::cpu::backward_reduce);

@@ -41,6 +41,10 @@ struct GradSums {  // sum(dy), sum(dy * (x - m)), sum(x - m), in float64
 //   kAffine: out = (x - m) * a + b
 //   kGrad:   out = dy * k + (x - m) * a + b
 //   kScale:  out = dy * k
+// kMasked (kGrad, kScale, and the gradient sums): dy is read as aten::threshold_backward(dy,
+// relu_output, 0) gives it, zero where relu_output <= 0 (a NaN lets dy through): the backward
+// of relu(batch_renorm(x)) from ReLU's incoming gradient, without that gradient's masked copy
+// (batchrenorm::backward_relu). Unmasked, relu_output is not read (nullptr).
 enum class Form { kAffine, kGrad, kScale };
 
 template <typename acc_t>
@@ -76,18 +80,19 @@ constexpr int64_t kFusedGradMaxValues = 262144;
   template <typename scalar_t>                                                                \
   void channel_moments(const scalar_t* x, const Geometry& g, Moments* result);                \
   /* Per-channel sums of dy and dy * (x - m) (and of x - m when kCentre), into result[C]. */  \
-  template <typename scalar_t, bool kCentre>                                                  \
-  void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g,            \
-                         const acc_type<scalar_t>* m, GradSums* result);                      \
-  template <typename scalar_t, Form kForm>                                                    \
-  void elementwise(scalar_t* out, const scalar_t* x, const scalar_t* dy, const Geometry& g,   \
+  template <typename scalar_t, bool kCentre, bool kMasked>                                    \
+  void channel_grad_sums(const scalar_t* dy, const scalar_t* relu_output, const scalar_t* x,  \
+                         const Geometry& g, const acc_type<scalar_t>* m, GradSums* result);   \
+  template <typename scalar_t, Form kForm, bool kMasked>                                      \
+  void elementwise(scalar_t* out, const scalar_t* x, const scalar_t* dy,                      \
+                   const scalar_t* relu_output, const Geometry& g,                            \
                    const Coeffs<acc_type<scalar_t>>& co);                                     \
   /* planes, training backward, N * S <= kFusedGradMaxValues: per channel, in one task, the   \
      sums of channel_grad_sums<kCentre = true> (into sums[C]), then dx = kGrad from coeffs,     \
      while the channel is still in cache. */                                                   \
-  template <typename scalar_t>                                                                \
-  void grad_planes_fused(scalar_t* dx, const scalar_t* dy, const scalar_t* x,                 \
-                         const Geometry& g, const acc_type<scalar_t>* m,                      \
+  template <typename scalar_t, bool kMasked>                                                  \
+  void grad_planes_fused(scalar_t* dx, const scalar_t* dy, const scalar_t* relu_output,       \
+                         const scalar_t* x, const Geometry& g, const acc_type<scalar_t>* m,   \
                          GradCoeffFn<acc_type<scalar_t>> coeffs, GradSums* sums);             \
   }
 

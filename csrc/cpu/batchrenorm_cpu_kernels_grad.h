@@ -52,10 +52,10 @@ inline std::array<acc_t, 3> reduce3(const Vectorized<acc_t>& a, const Vectorized
 
 // planes layout, one work item: channel c's values [k0, k1), chunk by chunk, float accumulators
 // flushed into float64 per chunk.
-template <typename scalar_t, bool kCentre>
+template <typename scalar_t, bool kCentre, bool kMasked>
 __attribute__((always_inline)) inline GradSums plane_grad_sums(
-    const scalar_t* pg, const scalar_t* px, const Geometry& g, int64_t c, int64_t kb0, int64_t kb1,
-    acc_type<scalar_t> mc) {
+    const scalar_t* pg, const scalar_t* pz, const scalar_t* px, const Geometry& g, int64_t c,
+    int64_t kb0, int64_t kb1, acc_type<scalar_t> mc) {
   using acc_t = acc_type<scalar_t>;
   using aVec = Vectorized<acc_t>;
   constexpr int64_t V = aVec::size();
@@ -70,9 +70,10 @@ __attribute__((always_inline)) inline GradSums plane_grad_sums(
     for_each_run(g, c, k0, k1, [&](int64_t off, int64_t len) {
       const scalar_t* p = px + off;
       const scalar_t* q = pg + off;
+      const scalar_t* z = kMasked ? pz + off : nullptr;
       int64_t i = 0;
       for (; i + 2 * V <= len; i += 2 * V) {
-        const aVec ga = load_acc(q + i), gb = load_acc(q + i + V);
+        const aVec ga = load_grad<kMasked>(q, z, i), gb = load_grad<kMasked>(q, z, i + V);
         const aVec xa = load_acc(p + i) - vm, xb = load_acc(p + i + V) - vm;
         a0 += ga;
         b0 += gb;
@@ -84,17 +85,17 @@ __attribute__((always_inline)) inline GradSums plane_grad_sums(
         }
       }
       for (; i + V <= len; i += V) {
-        const aVec gv = load_acc(q + i);
+        const aVec gv = load_grad<kMasked>(q, z, i);
         const aVec xc = load_acc(p + i) - vm;
         a0 += gv;
         a1 = at::vec::fmadd(gv, xc, a1);
         if constexpr (kCentre) a2 += xc;
       }
       for (; i < len; ++i) {
-        const acc_t gv = static_cast<acc_t>(q[i]);
+        const acc_t gv = grad_one<kMasked>(q, z, i);
         const acc_t xc = static_cast<acc_t>(p[i]) - mc;
         s0 += gv;
-        s1 += gv * xc;
+        s1 = fmadd_one(gv, xc, s1);
         if constexpr (kCentre) s2 += xc;
       }
     });
@@ -107,9 +108,9 @@ __attribute__((always_inline)) inline GradSums plane_grad_sums(
 }
 
 // Per channel: sum(dy), sum(dy * (x - m)) and, when kCentre, sum(x - m), in float64.
-template <typename scalar_t, bool kCentre>
-void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g,
-                       const acc_type<scalar_t>* m, GradSums* result) {
+template <typename scalar_t, bool kCentre, bool kMasked>
+void channel_grad_sums(const scalar_t* pg, const scalar_t* pz, const scalar_t* px,
+                       const Geometry& g, const acc_type<scalar_t>* m, GradSums* result) {
   using acc_t = acc_type<scalar_t>;
   using aVec = Vectorized<acc_t>;
   constexpr int64_t V = aVec::size();
@@ -123,8 +124,8 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
     at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t c = item / nblocks, b = item % nblocks;
-        partial[item].v = plane_grad_sums<scalar_t, kCentre>(
-            pg, px, g, c, b * kPlaneBlock, std::min(count, (b + 1) * kPlaneBlock), m[c]);
+        partial[item].v = plane_grad_sums<scalar_t, kCentre, kMasked>(
+            pg, pz, px, g, c, b * kPlaneBlock, std::min(count, (b + 1) * kPlaneBlock), m[c]);
       }
     });
     for (int64_t c = 0; c < C; ++c)
@@ -142,6 +143,7 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
     // make the compiler reload pointers it reached through the lambda's references.
     const scalar_t* const px_ = px;
     const scalar_t* const pg_ = pg;
+    const scalar_t* const pz_ = pz;
     const acc_t* const m_ = m;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t rb = item / ncb, cb = item % ncb;
@@ -165,12 +167,13 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
           constexpr int64_t kRows = decltype(rows)::value;
           const scalar_t* p = px_ + r * C + c0;
           const scalar_t* q = pg_ + r * C + c0;
+          const scalar_t* z = kMasked ? pz_ + r * C + c0 : nullptr;
           acc_t* A = acc.data();
           for (int64_t j = 0; j < nvec; ++j, A += 3 * V) {
             const aVec mv = aVec::loadu(m_ + c0 + j * V);
             aVec s0 = aVec::loadu(A), s1 = aVec::loadu(A + V), s2 = aVec::loadu(A + 2 * V);
             for (int64_t i = 0; i < kRows; ++i) {
-              const aVec gv = load_acc(q + i * C + j * V);
+              const aVec gv = load_grad<kMasked>(q, z, i * C + j * V);
               const aVec xc = load_acc(p + i * C + j * V) - mv;
               s0 = s0 + gv;
               s1 = at::vec::fmadd(gv, xc, s1);
@@ -198,10 +201,10 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
         for (int64_t c = c0 + nvec * V; c < c1; ++c) {
           acc_t s0 = 0, s1 = 0, s2 = 0;
           for (int64_t r = r0; r < r1; ++r) {
-            const acc_t gv = static_cast<acc_t>(pg_[r * C + c]);
+            const acc_t gv = grad_one<kMasked>(pg_, pz_, r * C + c);
             const acc_t xc = static_cast<acc_t>(px_[r * C + c]) - m_[c];
             s0 += gv;
-            s1 += gv * xc;
+            s1 = fmadd_one(gv, xc, s1);
             if constexpr (kCentre) s2 += xc;
           }
           out[c].v.dy += s0;
@@ -231,10 +234,10 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* px, const Geometry& g
 constexpr int64_t kFusedBlockBytes = 8 * 1024;
 constexpr int64_t kFusedMaxBlock = 16;
 
-template <typename scalar_t>
-void grad_planes_fused(scalar_t* po, const scalar_t* pg, const scalar_t* px, const Geometry& g,
-                       const acc_type<scalar_t>* m, GradCoeffFn<acc_type<scalar_t>> coeffs,
-                       GradSums* sums) {
+template <typename scalar_t, bool kMasked>
+void grad_planes_fused(scalar_t* po, const scalar_t* pg, const scalar_t* pz, const scalar_t* px,
+                       const Geometry& g, const acc_type<scalar_t>* m,
+                       GradCoeffFn<acc_type<scalar_t>> coeffs, GradSums* sums) {
   using acc_t = acc_type<scalar_t>;
   const int64_t count = g.N * g.S;
   const int64_t block = std::clamp<int64_t>(
@@ -245,13 +248,13 @@ void grad_planes_fused(scalar_t* po, const scalar_t* pg, const scalar_t* px, con
     for (int64_t c0 = begin; c0 < end; c0 += block) {
       const int64_t c1 = std::min(end, c0 + block);
       for (int64_t c = c0; c < c1; ++c)
-        sums[c] = plane_grad_sums<scalar_t, true>(pg, px, g, c, 0, count, m[c]);
+        sums[c] = plane_grad_sums<scalar_t, true, kMasked>(pg, pz, px, g, c, 0, count, m[c]);
       coeffs.fn(coeffs.ctx, c0, c1, sums, cm, ca, cb, ck);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t j = c - c0;
         for_each_run(g, c, 0, count, [&](int64_t off, int64_t len) {
-          elementwise_run<scalar_t, Form::kGrad>(po, px, pg, off, off + len, cm[j], ca[j], cb[j],
-                                                 ck[j]);
+          elementwise_run<scalar_t, Form::kGrad, kMasked>(po, px, pg, pz, off, off + len, cm[j],
+                                                          ca[j], cb[j], ck[j]);
         });
       }
     }

@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <functional>
 #include <tuple>
@@ -56,6 +57,47 @@ inline void store_acc(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v) {
   } else {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, Vectorized<float>::size());
   }
+}
+
+// a * b + c as a lane of at::vec::fmadd computes it here: fused where this instruction set's
+// vectors fuse it (AVX2, AVX-512), unfused in the portable build. The scalar tails use it so that
+// their bits never depend on whether the compiler chose to contract a * b + c there (it did in
+// one template instance and not in another: the masked and unmasked backwards differed in the
+// last bit on AVX-512).
+template <typename T>
+inline T fmadd_one(T a, T b, T c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// dy zeroed where relu_output <= 0 (kMasked, see Form): a compare and a blend, so that a NaN
+// in relu_output lets dy through as threshold_backward's where(relu_output <= 0, 0, dy) does.
+template <typename aVec>
+inline aVec relu_masked(const aVec& dy, const aVec& relu_output) {
+  const aVec zero(0);
+  return aVec::blendv(dy, zero, relu_output <= zero);
+}
+
+// One vector of dy from index i as acc_t, masked by relu_output when kMasked.
+template <bool kMasked, typename scalar_t>
+inline Vectorized<acc_type<scalar_t>> load_grad(const scalar_t* pg, const scalar_t* pz,
+                                                int64_t i) {
+  const Vectorized<acc_type<scalar_t>> dy = load_acc(pg + i);
+  if constexpr (kMasked) return relu_masked(dy, load_acc(pz + i));
+  return dy;
+}
+
+// One value of dy, the same way.
+template <bool kMasked, typename scalar_t>
+inline acc_type<scalar_t> grad_one(const scalar_t* pg, const scalar_t* pz, int64_t i) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (kMasked) {
+    if (static_cast<acc_t>(pz[i]) <= acc_t(0)) return acc_t(0);
+  }
+  return static_cast<acc_t>(pg[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,87 +349,96 @@ inline aVec form_value(const aVec& x, const aVec& dy, const aVec& m, const aVec&
 }
 
 // One vector of values from index i, with the coefficient vectors of its channels.
-template <typename scalar_t, Form kForm>
-inline void elementwise_vec(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
-                            const Vectorized<acc_type<scalar_t>>& m,
+template <typename scalar_t, Form kForm, bool kMasked>
+inline void elementwise_vec(scalar_t* po, const scalar_t* px, const scalar_t* pg,
+                            const scalar_t* pz, int64_t i, const Vectorized<acc_type<scalar_t>>& m,
                             const Vectorized<acc_type<scalar_t>>& a,
                             const Vectorized<acc_type<scalar_t>>& b,
                             const Vectorized<acc_type<scalar_t>>& k) {
   Vectorized<acc_type<scalar_t>> x, dy;
   if constexpr (kForm != Form::kScale) x = load_acc(px + i);
-  if constexpr (kForm != Form::kAffine) dy = load_acc(pg + i);
+  if constexpr (kForm != Form::kAffine) dy = load_grad<kMasked>(pg, pz, i);
   store_acc(po + i, form_value<kForm>(x, dy, m, a, b, k));
 }
 
 // half / bfloat16: 2 * aVec::size() values, one load and one store of Vectorized<scalar_t>,
 // converted once each way (the values and the arithmetic are elementwise_vec's, twice).
-template <typename scalar_t, Form kForm>
-inline void elementwise_vec2(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
-                             const Vectorized<float>& m, const Vectorized<float>& a,
-                             const Vectorized<float>& b, const Vectorized<float>& k) {
+template <typename scalar_t, Form kForm, bool kMasked>
+inline void elementwise_vec2(scalar_t* po, const scalar_t* px, const scalar_t* pg,
+                             const scalar_t* pz, int64_t i, const Vectorized<float>& m,
+                             const Vectorized<float>& a, const Vectorized<float>& b,
+                             const Vectorized<float>& k) {
   Vectorized<float> x0, x1, g0, g1;
   if constexpr (kForm != Form::kScale)
     std::tie(x0, x1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(px + i));
   if constexpr (kForm != Form::kAffine)
     std::tie(g0, g1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(pg + i));
+  if constexpr (kMasked) {
+    const auto [z0, z1] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(pz + i));
+    g0 = relu_masked(g0, z0);
+    g1 = relu_masked(g1, z1);
+  }
   at::vec::convert_from_float<scalar_t>(form_value<kForm>(x0, g0, m, a, b, k),
                                         form_value<kForm>(x1, g1, m, a, b, k))
       .store(po + i);
 }
 
 // One value (the scalar tails), with its channel's coefficients.
-template <typename scalar_t, Form kForm>
-inline void elementwise_one(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
-                            acc_type<scalar_t> m, acc_type<scalar_t> a, acc_type<scalar_t> b,
-                            acc_type<scalar_t> k) {
+template <typename scalar_t, Form kForm, bool kMasked>
+inline void elementwise_one(scalar_t* po, const scalar_t* px, const scalar_t* pg,
+                            const scalar_t* pz, int64_t i, acc_type<scalar_t> m,
+                            acc_type<scalar_t> a, acc_type<scalar_t> b, acc_type<scalar_t> k) {
   using acc_t = acc_type<scalar_t>;
   acc_t v;
   if constexpr (kForm == Form::kAffine) {
-    v = (static_cast<acc_t>(px[i]) - m) * a + b;
+    v = fmadd_one(static_cast<acc_t>(px[i]) - m, a, b);
   } else if constexpr (kForm == Form::kGrad) {
-    v = static_cast<acc_t>(pg[i]) * k + (static_cast<acc_t>(px[i]) - m) * a + b;
+    v = fmadd_one(grad_one<kMasked>(pg, pz, i), k, fmadd_one(static_cast<acc_t>(px[i]) - m, a, b));
   } else {
-    v = static_cast<acc_t>(pg[i]) * k;
+    v = grad_one<kMasked>(pg, pz, i) * k;
   }
   po[i] = static_cast<scalar_t>(v);
 }
 
 // Values [i, stop) of one channel, with its coefficients: pairs of vectors (half / bfloat16),
 // vectors, then the scalar tail. Plain arguments (see the note above).
-template <typename scalar_t, Form kForm>
-void elementwise_run(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t i,
-                     int64_t stop, acc_type<scalar_t> m, acc_type<scalar_t> a,
+template <typename scalar_t, Form kForm, bool kMasked>
+void elementwise_run(scalar_t* po, const scalar_t* px, const scalar_t* pg, const scalar_t* pz,
+                     int64_t i, int64_t stop, acc_type<scalar_t> m, acc_type<scalar_t> a,
                      acc_type<scalar_t> b, acc_type<scalar_t> k) {
   using aVec = Vectorized<acc_type<scalar_t>>;
   constexpr int64_t V = aVec::size();
   const aVec vm(m), va(a), vb(b), vk(k);
   if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
     for (; i + 2 * V <= stop; i += 2 * V)
-      elementwise_vec2<scalar_t, kForm>(po, px, pg, i, vm, va, vb, vk);
+      elementwise_vec2<scalar_t, kForm, kMasked>(po, px, pg, pz, i, vm, va, vb, vk);
   }
-  for (; i + V <= stop; i += V) elementwise_vec<scalar_t, kForm>(po, px, pg, i, vm, va, vb, vk);
-  for (; i < stop; ++i) elementwise_one<scalar_t, kForm>(po, px, pg, i, m, a, b, k);
+  for (; i + V <= stop; i += V)
+    elementwise_vec<scalar_t, kForm, kMasked>(po, px, pg, pz, i, vm, va, vb, vk);
+  for (; i < stop; ++i) elementwise_one<scalar_t, kForm, kMasked>(po, px, pg, pz, i, m, a, b, k);
 }
 
 // planes layout: runs of S values share one channel's coefficients; values [begin, end).
-template <typename scalar_t, Form kForm>
-void elementwise_planes(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t C,
-                        int64_t S, Coeffs<acc_type<scalar_t>> co, int64_t begin, int64_t end) {
+template <typename scalar_t, Form kForm, bool kMasked>
+void elementwise_planes(scalar_t* po, const scalar_t* px, const scalar_t* pg, const scalar_t* pz,
+                        int64_t C, int64_t S, Coeffs<acc_type<scalar_t>> co, int64_t begin,
+                        int64_t end) {
   int64_t i = begin;
   while (i < end) {
     const int64_t run = i / S;
     const int64_t c = run % C;
     const int64_t stop = std::min(end, (run + 1) * S);
-    elementwise_run<scalar_t, kForm>(po, px, pg, i, stop, co.m[c], co.a[c], co.b[c], co.k[c]);
+    elementwise_run<scalar_t, kForm, kMasked>(po, px, pg, pz, i, stop, co.m[c], co.a[c], co.b[c],
+                                              co.k[c]);
     i = stop;
   }
 }
 
 // rows layout: rows [begin, end) of C channels. Uncentred (co.m == nullptr, the caller checked
 // the conditioning): kAffine is y = x * a + b, kGrad is dx = dy * k + x * a + b.
-template <typename scalar_t, Form kForm, bool kCentred>
-void elementwise_rows(scalar_t* po, const scalar_t* px, const scalar_t* pg, int64_t C,
-                      Coeffs<acc_type<scalar_t>> co, int64_t begin, int64_t end) {
+template <typename scalar_t, Form kForm, bool kMasked, bool kCentred>
+void elementwise_rows(scalar_t* po, const scalar_t* px, const scalar_t* pg, const scalar_t* pz,
+                      int64_t C, Coeffs<acc_type<scalar_t>> co, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
   using aVec = Vectorized<acc_t>;
   constexpr int64_t V = aVec::size();
@@ -401,24 +452,26 @@ void elementwise_rows(scalar_t* po, const scalar_t* px, const scalar_t* pg, int6
       const aVec a = kForm == Form::kScale ? zero : aVec::loadu(co.a + c);
       const aVec b = kForm == Form::kScale ? zero : aVec::loadu(co.b + c);
       const aVec k = kForm == Form::kAffine ? zero : aVec::loadu(co.k + c);
-      elementwise_vec<scalar_t, kForm>(po, px, pg, base + c, m, a, b, k);
+      elementwise_vec<scalar_t, kForm, kMasked>(po, px, pg, pz, base + c, m, a, b, k);
     }
     for (int64_t c = nvec * V; c < C; ++c)
-      elementwise_one<scalar_t, kForm>(po, px, pg, base + c, kCentred ? co.m[c] : acc_t(0),
+      elementwise_one<scalar_t, kForm, kMasked>(po, px, pg, pz, base + c,
+                                       kCentred ? co.m[c] : acc_t(0),
                                        kForm == Form::kScale ? acc_t(0) : co.a[c],
                                        kForm == Form::kScale ? acc_t(0) : co.b[c],
                                        kForm == Form::kAffine ? acc_t(0) : co.k[c]);
   }
 }
 
-template <typename scalar_t, Form kForm>
-void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const Geometry& g,
-                 const Coeffs<acc_type<scalar_t>>& co) {
+template <typename scalar_t, Form kForm, bool kMasked>
+void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const scalar_t* pz,
+                 const Geometry& g, const Coeffs<acc_type<scalar_t>>& co) {
+  static_assert(!(kMasked && kForm == Form::kAffine), "the affine pass reads no dy to mask");
   const int64_t C = g.C, S = g.S, numel = g.N * g.C * g.S;
   if (numel == 0) return;
   if (!g.rows) {
     at::parallel_for(0, numel, kElementGrain, [=](int64_t begin, int64_t end) {
-      elementwise_planes<scalar_t, kForm>(po, px, pg, C, S, co, begin, end);
+      elementwise_planes<scalar_t, kForm, kMasked>(po, px, pg, pz, C, S, co, begin, end);
     });
     return;
   }
@@ -426,9 +479,9 @@ void elementwise(scalar_t* po, const scalar_t* px, const scalar_t* pg, const Geo
   const bool centred = kForm != Form::kScale && co.m != nullptr;
   at::parallel_for(0, g.N * g.S, grain, [=](int64_t begin, int64_t end) {
     if (centred)
-      elementwise_rows<scalar_t, kForm, true>(po, px, pg, C, co, begin, end);
+      elementwise_rows<scalar_t, kForm, kMasked, true>(po, px, pg, pz, C, co, begin, end);
     else
-      elementwise_rows<scalar_t, kForm, false>(po, px, pg, C, co, begin, end);
+      elementwise_rows<scalar_t, kForm, kMasked, false>(po, px, pg, pz, C, co, begin, end);
   });
 }
 
@@ -443,26 +496,37 @@ namespace batchrenorm {
 namespace cpu {
 namespace BRN_CPU_ISA {
 
+#define BRN_INSTANTIATE_MASKED(T, kMasked)                                                    \
+  template void channel_grad_sums<T, true, kMasked>(const T*, const T*, const T*,              \
+                                                    const Geometry&, const acc_type<T>*,       \
+                                                    GradSums*);                                \
+  template void channel_grad_sums<T, false, kMasked>(const T*, const T*, const T*,             \
+                                                     const Geometry&, const acc_type<T>*,      \
+                                                     GradSums*);                               \
+  template void elementwise<T, Form::kGrad, kMasked>(T*, const T*, const T*, const T*,         \
+                                                     const Geometry&,                          \
+                                                     const Coeffs<acc_type<T>>&);              \
+  template void elementwise<T, Form::kScale, kMasked>(T*, const T*, const T*, const T*,        \
+                                                      const Geometry&,                         \
+                                                      const Coeffs<acc_type<T>>&);             \
+  template void grad_planes_fused<T, kMasked>(T*, const T*, const T*, const T*,                \
+                                              const Geometry&, const acc_type<T>*,             \
+                                              GradCoeffFn<acc_type<T>>, GradSums*);
+
 #define BRN_INSTANTIATE(T)                                                                    \
   template void channel_moments<T>(const T*, const Geometry&, Moments*);                       \
-  template void channel_grad_sums<T, true>(const T*, const T*, const Geometry&,                \
-                                           const acc_type<T>*, GradSums*);                     \
-  template void channel_grad_sums<T, false>(const T*, const T*, const Geometry&,               \
-                                            const acc_type<T>*, GradSums*);                    \
-  template void elementwise<T, Form::kAffine>(T*, const T*, const T*, const Geometry&,         \
-                                              const Coeffs<acc_type<T>>&);                     \
-  template void elementwise<T, Form::kGrad>(T*, const T*, const T*, const Geometry&,           \
-                                            const Coeffs<acc_type<T>>&);                       \
-  template void elementwise<T, Form::kScale>(T*, const T*, const T*, const Geometry&,          \
-                                             const Coeffs<acc_type<T>>&);                      \
-  template void grad_planes_fused<T>(T*, const T*, const T*, const Geometry&,                  \
-                                     const acc_type<T>*, GradCoeffFn<acc_type<T>>, GradSums*);
+  template void elementwise<T, Form::kAffine, false>(T*, const T*, const T*, const T*,         \
+                                                     const Geometry&,                          \
+                                                     const Coeffs<acc_type<T>>&);              \
+  BRN_INSTANTIATE_MASKED(T, false)                                                             \
+  BRN_INSTANTIATE_MASKED(T, true)
 
 BRN_INSTANTIATE(float)
 BRN_INSTANTIATE(double)
 BRN_INSTANTIATE(c10::Half)
 BRN_INSTANTIATE(c10::BFloat16)
 #undef BRN_INSTANTIATE
+#undef BRN_INSTANTIATE_MASKED
 
 }  // namespace BRN_CPU_ISA
 }  // namespace cpu

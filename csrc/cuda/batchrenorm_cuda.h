@@ -78,6 +78,7 @@ struct StatsParams {
 //   through_stats (the statistics were this batch's, so the gradient flows through them);
 //   grad_weight = r * sum(dy * xhat) + d * sum(dy); grad_bias = sum(dy).
 //   dx / grad_weight / grad_bias nullptr: not computed. weight, r, d nullptr: 1, 1, 0.
+//   relu_output (backward_relu; nullptr: none): dy is read as zero where relu_output <= 0.
 // backward_reduce (reduce_only == true): sum_dy = sum(dy), sum_dy_xhat = sum(dy * xhat).
 struct GradParams {
   DType dtype;
@@ -85,6 +86,7 @@ struct GradParams {
   bool reduce_only;
   bool through_stats;
   const void* dy;
+  const void* relu_output;
   const void* x;
   const void* weight;
   const void* mean;
@@ -114,6 +116,7 @@ struct ElementwiseParams {
   ElementwiseMode mode;
   const void* x;   // unused by kScaleGrad
   const void* dy;  // kBackwardInput, kScaleGrad
+  const void* relu_output;  // nullable: dy read as zero where relu_output <= 0 (backward_relu)
   void* out;
   const void* p[5];
   double eps;

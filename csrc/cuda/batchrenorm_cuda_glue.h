@@ -168,15 +168,34 @@ struct Glue {
     return output;
   }
 
-  static std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>> backward(const Tensor& grad_output, const Tensor& input,
-                                              const std::optional<Tensor>& weight,
-                                              const Tensor& mean, const Tensor& invstd,
-                                              const std::optional<Tensor>& r,
-                                              const std::optional<Tensor>& d, bool train,
-                                              std::array<bool, 3> output_mask) {
+  using OptTensor = std::optional<Tensor>;
+
+  static std::tuple<OptTensor, OptTensor, OptTensor> backward(
+      const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& mean,
+      const Tensor& invstd, const OptTensor& r, const OptTensor& d, bool train,
+      std::array<bool, 3> output_mask) {
     constexpr const char* op = "batchrenorm::backward";
     check_backward(op, grad_output, input, RT::kDevice, weight, mean, invstd, r, d);
+    return backward_impl(op, grad_output, Tensor(), input, weight, mean, invstd, r, d, train,
+                         output_mask);
+  }
 
+  static std::tuple<OptTensor, OptTensor, OptTensor> backward_relu(
+      const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
+      const OptTensor& weight, const Tensor& mean, const Tensor& invstd, const OptTensor& r,
+      const OptTensor& d, bool train, std::array<bool, 3> output_mask) {
+    constexpr const char* op = "batchrenorm::backward_relu";
+    check_backward_relu(op, grad_output, relu_output, input, RT::kDevice, weight, mean, invstd,
+                        r, d);
+    return backward_impl(op, grad_output, relu_output, input, weight, mean, invstd, r, d, train,
+                         output_mask);
+  }
+
+  // relu_output: undefined, or the ReLU output that masks grad_output (backward_relu).
+  static std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
+      const char* op, const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
+      const OptTensor& weight, const Tensor& mean, const Tensor& invstd, const OptTensor& r,
+      const OptTensor& d, bool train, std::array<bool, 3> output_mask) {
     const typename RT::Guard guard(input.device());
     InputLayout g;
     const Tensor x = canonical(input, &g);
@@ -191,6 +210,7 @@ struct Glue {
     if (output_mask[1]) grad_weight = per_channel_empty(input);
     if (output_mask[2]) grad_bias = per_channel_empty(input);
     const Tensor dy = match_layout(grad_output, g);
+    const Tensor z = relu_output.defined() ? match_layout(relu_output, g) : Tensor();
     Tensor w, rk, dk;
     const Tensor mk = mean.contiguous(), ik = invstd.contiguous();
     const cudaStream_t stream = RT::stream();
@@ -204,6 +224,7 @@ struct Glue {
       a.layout = g;
       a.mode = ElementwiseMode::kScaleGrad;
       a.dy = dy.data_ptr();
+      a.relu_output = z.defined() ? z.data_ptr() : nullptr;
       a.out = grad_input.data_ptr();
       a.p[0] = ptr_or_null(weight, &w);
       a.p[1] = ptr_or_null(r, &rk);
@@ -217,6 +238,7 @@ struct Glue {
     a.dtype = dtype_of(input);
     a.layout = g;
     a.dy = dy.data_ptr();
+    a.relu_output = z.defined() ? z.data_ptr() : nullptr;
     a.x = x.data_ptr();
     a.weight = ptr_or_null(weight, &w);
     a.mean = mk.data_ptr();
@@ -354,6 +376,7 @@ void register_kernels(torch::Library& m) {
   m.impl("forward_train", &Glue<RT>::forward_train);
   m.impl("forward_eval", &Glue<RT>::forward_eval);
   m.impl("backward", &Glue<RT>::backward);
+  m.impl("backward_relu", &Glue<RT>::backward_relu);
   m.impl("batch_stats", &Glue<RT>::batch_stats);
   m.impl("normalize", &Glue<RT>::normalize);
   m.impl("backward_reduce", &Glue<RT>::backward_reduce);

@@ -92,6 +92,23 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* base, int64_t index) {
   return load_global(reinterpret_cast<const Vec<T, V>*>(base + index));
 }
 
+// dy from index, zeroed where relu_output <= 0 when relu_output is given (backward_relu), as
+// aten::threshold_backward(dy, relu_output, 0) has it: a NaN in relu_output lets dy through.
+// The branch is uniform across the grid.
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_grad(const T* dy, const T* relu_output, int64_t index) {
+  Vec<T, V> g = load_vec<T, V>(dy, index);
+  if (relu_output != nullptr) {
+    using acc_t = typename AccOf<T>::type;
+    const Vec<T, V> z = load_vec<T, V>(relu_output, index);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (to_acc(z.v[k]) <= acc_t(0)) g.v[k] = from_acc<T>(acc_t(0));
+    }
+  }
+  return g;
+}
+
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* base, int64_t index, const Vec<T, V>& v) {
   store_global(reinterpret_cast<Vec<T, V>*>(base + index), v);

@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
+  const T* relu_output = static_cast<const T*>(p.relu_output);
   T* out = static_cast<T*>(p.out);
   const bool uses_x = p.mode != ElementwiseMode::kScaleGrad;
   const bool uses_dy =
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     Vec<T, V> xv, gv, o;
     if (uses_x) xv = load_vec<T, V>(x, index);
-    if (uses_dy) gv = load_vec<T, V>(dy, index);
+    if (uses_dy) gv = load_grad<T, V>(dy, relu_output, index);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const int jj = NHWC ? j : 0;

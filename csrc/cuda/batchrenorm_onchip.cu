@@ -352,6 +352,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const ThreadPlace<NHWC> g(L, plan);
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
+  const T* relu_output = static_cast<const T*>(p.relu_output);
   const int64_t sv = L.S / V;
   const double inv_sv = sv > 0 ? 1.0 / static_cast<double>(sv) : 0.0;
 
@@ -360,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   tile.items = plan.items;
   tile.template load_all<NHWC>(g, [&](int64_t a) {
     const int64_t index = item_index<V, NHWC>(L, a, g.c0, sv, inv_sv);
-    return Pair<T, V>{load_vec<T, V>(dy, index), load_vec<T, V>(x, index)};
+    return Pair<T, V>{load_grad<T, V>(dy, relu_output, index), load_vec<T, V>(x, index)};
   });
   if (g.leader) {
 #pragma unroll

@@ -151,10 +151,11 @@ bool aligned16(const void* ptr) {
 // The 16-byte vector path applies when the vectorised dimension is a multiple of V and every
 // element pointer is 16-byte aligned (then so is every vector).
 template <typename T>
-int vec_for(const Geometry& L, const void* a, const void* b, const void* c) {
+int vec_for(const Geometry& L, const void* a, const void* b, const void* c,
+            const void* d = nullptr) {
   constexpr int V = vec_width<T>();
   const int64_t inner = L.rows ? L.C : L.S;
-  return inner % V == 0 && aligned16(a) && aligned16(b) && aligned16(c) ? V : 1;
+  return inner % V == 0 && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(d) ? V : 1;
 }
 
 // The on-chip regimes; *fits false when the tensor does not fit on chip.
@@ -355,7 +356,7 @@ cudaError_t plan_stats_typed(const StatsParams& p, LaunchPlan* plan) {
 
 template <typename T>
 cudaError_t plan_grad_typed(const GradParams& p, LaunchPlan* plan) {
-  const int vec = vec_for<T>(p.layout, p.x, p.dy, p.dx);
+  const int vec = vec_for<T>(p.layout, p.x, p.dy, p.dx, p.relu_output);
   // The backward plans the same with or without dx, so the output mask never changes the bits
   // of grad_weight and grad_bias.
   return plan_typed<T>(p.layout, vec, true, !p.reduce_only, plan);
@@ -393,7 +394,7 @@ cudaError_t launch_grad_typed(const GradParams& p, const LaunchPlan& plan, void*
 
 template <typename T>
 cudaError_t elementwise_typed(const ElementwiseParams& p) {
-  return launch_elementwise_typed<T>(p, vec_for<T>(p.layout, p.x, p.dy, p.out) > 1);
+  return launch_elementwise_typed<T>(p, vec_for<T>(p.layout, p.x, p.dy, p.out, p.relu_output) > 1);
 }
 
 }  // namespace

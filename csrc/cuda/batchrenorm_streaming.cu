@@ -312,6 +312,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const Shape sh(p.layout, V);
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
+  const T* relu_output = static_cast<const T*>(p.relu_output);
   const acc_t* mean_in = static_cast<const acc_t*>(p.mean);
   const int tx = threadIdx.x % plan.tx;
   const int ty = threadIdx.x / plan.tx;
@@ -341,7 +342,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for_each_in_unit<V, NHWC, unroll_of<VecPair<T, V>>()>(
         sh, plan, unit, tx, ty,
         [&](int64_t index) {
-          return VecPair<T, V>{load_vec<T, V>(dy, index), load_vec<T, V>(x, index)};
+          return VecPair<T, V>{load_grad<T, V>(dy, relu_output, index),
+                               load_vec<T, V>(x, index)};
         },
         [&](const VecPair<T, V>& in, int64_t) {
 #pragma unroll
@@ -450,7 +452,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for_each_in_unit<V, NHWC, unroll_of<VecPair<T, V>>()>(
         sh, plan, unit, tx, ty,
         [&](int64_t index) {
-          return VecPair<T, V>{load_vec<T, V>(dy, index), load_vec<T, V>(x, index)};
+          return VecPair<T, V>{load_grad<T, V>(dy, relu_output, index),
+                               load_vec<T, V>(x, index)};
         },
         [&](const VecPair<T, V>& in, int64_t index) {
       Vec<T, V> o;
