@@ -1,6 +1,7 @@
-"""How Inductor should lay out `backward`'s grad_output: in input's stride order.
+"""What Inductor is told of our backward ops: a layout constraint (grad_output in input's stride
+order), and a rewrite that fuses a ReLU's backward into ours.
 
-Why: on the CPU Inductor runs convolutions in channels_last even in an NCHW model, but only up to
+The constraint. Why: on the CPU Inductor runs convolutions in channels_last even in an NCHW model, but only up to
 the last convolution; past it, buffers keep the eager (NCHW) strides. So the gradient reaching
 the Batch Renorm layer after the last convolution comes in NCHW while the layer's input, the
 convolution's output, is channels_last, and the kernel must convert one of them (4-layer CNN,
@@ -16,11 +17,11 @@ of Inductor's private names is here, guarded: if they move in a later torch, the
 skipped with one warning and Inductor applies its default for custom ops (correct, slower).
 
 Registration is lazy: importing torch._inductor costs about 1.5 s, so the package never does.
-The fake kernel of `backward` calls `register_backward_layout` while AOTAutograd traces a
+The fake kernel of `backward` calls `register_with_inductor` while AOTAutograd traces a
 backward graph, which happens before Inductor lowers it; if Inductor is not loaded by then,
 nothing is compiled with it and there is nothing to do.
 
-The same registration adds one rewrite to Inductor's post-grad pattern passes (its own list, not
+The rewrite. The same registration adds one to Inductor's post-grad pattern passes (its own list, not
 the user's `post_grad_custom_*_pass` slots): ReLU's backward feeding ours,
 `backward(where(le(relu_output, 0), 0, grad), ...)`, becomes `backward_relu(grad, relu_output,
 ...)`, which masks the gradient as it loads it instead of reading a masked copy that Inductor
@@ -35,7 +36,10 @@ import warnings
 
 import torch
 
+# Namespaces registered; backward -> backward_relu of each; whether the rewrite is registered.
 _REGISTERED: set = set()
+_FUSED_RELU: dict = {}
+_REWRITE_REGISTERED = False
 
 
 def _layout_constraint(constrained: tuple, input_index: int):
@@ -85,7 +89,7 @@ def _warn_once(message: str, layouts: bool = True) -> None:
         warnings.warn(f"batchrenorm_cuda: {message}{consequence}", RuntimeWarning, stacklevel=3)
 
 
-def register_backward_layout(namespace) -> None:
+def register_with_inductor(namespace) -> None:
     """Give `namespace`'s backward and backward_relu (an op namespace with batchrenorm's
     schemas) their Inductor fallbacks with the constraints above, and the ReLU rewrite, once per
     namespace, if Inductor is loaded."""
@@ -110,10 +114,6 @@ def register_backward_layout(namespace) -> None:
                    f"({type(e).__name__}: {e}); ReLU's backward runs as its own kernel",
                    layouts=False)
 
-
-# backward -> backward_relu of each registered namespace.
-_FUSED_RELU: dict = {}
-_REWRITE_REGISTERED = False
 
 
 def _register_relu_rewrite() -> None:

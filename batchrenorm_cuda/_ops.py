@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._inductor import register_backward_layout
+from ._inductor import register_with_inductor
 from ._vmap import register_vmaps
 from .reference import stat_dtype
 
@@ -129,7 +129,7 @@ def register_fakes(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::backward")
     def _backward_fake(grad_output, input, weight, mean, invstd, r, d, train, output_mask):
-        register_backward_layout(getattr(torch.ops, namespace))
+        register_with_inductor(getattr(torch.ops, namespace))
         _check_devices("backward", input, grad_output=grad_output, weight=weight, mean=mean,
                        invstd=invstd, r=r, d=d)
         return _backward_outputs(input, mean, output_mask)

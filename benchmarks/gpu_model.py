@@ -16,8 +16,11 @@ The model (one formula for both, per kernel):
         + max(dram_bytes / HBM, all_bytes / L2, waves * max_cta_bytes * latency / in_flight)
 the last term being Little's law for the busiest CTA (a CTA keeping `in_flight` bytes in flight
 moves in_flight per DRAM latency). An op's re-reads come from L2 when its tensors fit in L2,
-else from DRAM. What it leaves out: instruction throughput, bank conflicts, L2 partition
-effects, clocks under power limits, the host's own per-op overhead (the same for both).
+else from DRAM. backward_relu (the backward of a norm followed by a ReLU, as compiled graphs call
+it) is also priced against the pair it replaces, a ReLU-backward kernel then our backward, whose
+dy comes from L2 when it fits there. What it leaves out: instruction throughput, bank conflicts,
+L2 partition effects, clocks under power limits, the host's own per-op overhead (the same for
+both).
 """
 from __future__ import annotations
 
@@ -116,6 +119,15 @@ MAX_BLOCK_SIZE = 512
 STAT = 4  # float statistics
 
 
+def threshold_backward_kernel(T: int, elt: int) -> Kernel:
+    """ReLU's backward as its own launch (ATen's threshold_backward, or the kernel Inductor
+    generates for it): a vectorised TensorIterator launch, 128 threads x 4 values, reading the
+    incoming gradient and the ReLU output and writing dy."""
+    per_cta = 128 * 4 * elt
+    ctas = max(1, -(-T // per_cta))
+    return Kernel("threshold_backward", ctas, 128, 2 * T, T, 3 * T, 3 * per_cta, 2 * per_cta)
+
+
 def _num_threads(n: int) -> int:  # getNumThreads
     for t in (32, 64, 128, 256, MAX_BLOCK_SIZE):
         if n <= t:
@@ -149,6 +161,9 @@ def native_kernels(op: str, shape, layout: str, elt: int, P=H100) -> List[Kernel
     N, C = shape[0], shape[1]
     HW = math.prod(shape[2:]) if len(shape) > 2 else 1
     T = N * C * HW * elt
+    if op == "backward_relu":  # ATen has no fused one: ReLU's backward, then BatchNorm's
+        return [threshold_backward_kernel(T, elt)] + native_kernels("backward", shape, layout,
+                                                                   elt, P)
     if op == "forward_train":
         working = 2 * T
         ks: List[Kernel] = []
@@ -213,24 +228,31 @@ def native_kernels(op: str, shape, layout: str, elt: int, P=H100) -> List[Kernel
 #  - streaming kernels (batchrenorm_streaming.cu) keep kBytesInFlight = 64 bytes per thread in
 #    flight (at most 16 items: a 2-byte scalar path keeps 32).
 # Keep this in step with the kernels.
+# The tensors each op reads (an item loads one vector of each), and the distinct bytes it moves.
+OP_INPUTS = {"forward_train": 1, "backward": 2, "backward_relu": 3}
+
+
 def OURS_IN_FLIGHT(record, op: str, elt: int) -> int:
     plan = record["plan"]
-    item = elt * plan["vec"] * (2 if op == "backward" else 1)
+    item = elt * plan["vec"] * OP_INPUTS[op]
     if plan["regime"] == "streaming":
         return 256 * min(64, 16 * item)
     rounds = 1 + math.ceil(max(0, plan["items"] - plan["register_items"]) / 4)
     return max(1, math.ceil(record["max_cta_bytes"] / rounds))
 
 
-def ours_kernels(op: str, shape, layout: str, elt: int, records, P=H100) -> List[Kernel]:
+def ours_kernels(op: str, shape, layout: str, elt: int, records, P=H100,
+                 cached: int = 0) -> List[Kernel]:
+    """Our op's launches priced; `cached` bytes of its inputs are already in L2 when the op's
+    tensors fit there (dy written by the launch before)."""
     T = math.prod(shape) * elt
-    unique = 2 * T if op == "forward_train" else 3 * T
+    unique = (OP_INPUTS[op] + 1) * T
     ks = []
     for i, r in enumerate(records):
         moved = r["bytes_read"] + r["bytes_written"]
         # The first launch brings the op's tensors from DRAM; re-reads (and later launches)
         # come from L2 when they fit.
-        dram = dram_share(moved, unique if i == 0 else 0, unique, P)
+        dram = dram_share(moved, unique - cached if i == 0 else 0, unique, P)
         ks.append(Kernel(r["kernel"], r["ctas"], r["threads"], r["bytes_read"], r["bytes_written"],
                          dram, r["max_cta_bytes"], OURS_IN_FLIGHT(r, op, elt),
                          r["grid_syncs"]))
@@ -291,16 +313,28 @@ def price(row: Dict, P=H100):
             1e6 * sum(kernel_seconds(k, P) for k in native), len(native))
 
 
+def price_unfused(relu_row: Dict, backward_row: Dict, P=H100) -> float:
+    """Modelled microseconds of what backward_relu replaces: ReLU's backward kernel, then our
+    backward reading the dy it wrote (from L2 when the tensors fit)."""
+    shape, elt = tuple(relu_row["shape"]), {"float32": 4, "bfloat16": 2}[relu_row["dtype"]]
+    T = math.prod(shape) * elt
+    ours = ours_kernels("backward", shape, relu_row["layout"], elt,
+                        backward_row["launch_records"], P, cached=T)
+    return 1e6 * sum(kernel_seconds(k, P) for k in [threshold_backward_kernel(T, elt)] + ours)
+
+
 def model(counted_cases) -> List[Dict]:
     from batchrenorm_cuda._testing import fits_on_chip, traffic_limit
 
     rows = []
     for (shape, layout, dtype), counted in counted_cases:
         T = counted["tensor_bytes"]
-        for op in ("forward_train", "backward"):
+        case_rows = {}
+        for op in ("forward_train", "backward", "backward_relu"):
             recs = counted[op]
-            moved_in, moved_out = (T, T) if op == "forward_train" else (2 * T, T)
-            fits = fits_on_chip(moved_in, counted["device"])
+            moved_in, moved_out = OP_INPUTS[op] * T, T
+            # backward_relu keeps on chip what backward does (the masked dy and x).
+            fits = fits_on_chip(min(moved_in, 2 * T), counted["device"])
             read = sum(r["bytes_read"] for r in recs)
             written = sum(r["bytes_written"] for r in recs)
             row = {
@@ -325,6 +359,9 @@ def model(counted_cases) -> List[Dict]:
                     for r in recs],
             }
             row["modeled_us"], row["native_modeled_us"], row["native_launches"] = price(row)
+            if op == "backward_relu":
+                row["unfused_modeled_us"] = price_unfused(row, case_rows["backward"])
+            case_rows[op] = row
             rows.append(row)
     return rows
 
@@ -374,8 +411,9 @@ def write_markdown(rows, path, seconds, device):
     lines += ["", f"All {len(step_ratio)} steps: geomean ratio "
               f"**{geomean(step_ratio.values()):.2f}**, worst "
               f"**{max(step_ratio.values()):.2f}**; steps with ratio <= 1: "
-              f"{sum(v <= 1 for v in step_ratio.values())}.", "",
-              "## Worst ten steps", "",
+              f"{sum(v <= 1 for v in step_ratio.values())}.", ""]
+    lines += _relu_section(steps)
+    lines += ["## Worst ten steps", "",
               "| case | fused us | native us | floor us | ratio | launches fwd/bwd | "
               "grid syncs fwd/bwd | read / tensor fwd, bwd |", "|---|---|---|---|---|---|---|---|"]
     for k in sorted(step_ratio, key=lambda k: -step_ratio[k])[:10]:
@@ -402,6 +440,29 @@ def write_markdown(rows, path, seconds, device):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return step_ratio
+
+
+def _relu_section(steps) -> List[str]:
+    """backward_relu against the two launches it replaces in a compiled graph (ReLU's backward
+    kernel, then our backward) and against ATen's two kernels."""
+    lines = ["## A norm followed by a ReLU: backward_relu (torch.compile's rewrite)", "",
+             "backward_relu / (ReLU's backward kernel + our backward), modelled; and / (ReLU's "
+             "backward kernel + ATen's batch-norm backward).", "",
+             "| layout | dtype | cases | / unfused: geomean | worst (case) | / ATen's pair: "
+             "geomean |", "|---|---|---|---|---|---|"]
+    relu = {k: v["backward_relu"] for k, v in steps.items() if "backward_relu" in v}
+    for layout in ("contiguous", "channels_last", "rows"):
+        for dtype in ("float32", "bfloat16"):
+            ks = [k for k in relu if k[1] == layout and k[2] == dtype]
+            if not ks:
+                continue
+            ratio = {k: relu[k]["modeled_us"] / relu[k]["unfused_modeled_us"] for k in ks}
+            worst = max(ks, key=lambda k: ratio[k])
+            native = geomean(relu[k]["modeled_us"] / relu[k]["native_modeled_us"] for k in ks)
+            lines.append(f"| {layout} | {dtype} | {len(ks)} | {geomean(ratio.values()):.2f} | "
+                         f"{ratio[worst]:.2f} ({'x'.join(map(str, worst[0]))}) | "
+                         f"{native:.2f} |")
+    return lines + [""]
 
 
 def write_plot(rows, step_ratio, path):

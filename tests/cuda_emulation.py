@@ -186,11 +186,12 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 
 def count_train_step(module, shape, layout, dtype, seed=0):
-    """A training step's two fused ops on the current emulated device, as the autograd calls
-    them (forward_train with weight, bias and running statistics; backward with the batch's
-    statistics and every gradient): {"forward_train": records, "backward": records,
-    "tensor_bytes": bytes of one tensor of `shape`, "channels": C}. `layout`: "contiguous",
-    "channels_last" (4-D) or "rows" ((N, C))."""
+    """A training step's fused ops on the current emulated device, as the autograd calls them
+    (forward_train with weight, bias and running statistics; backward with the batch's
+    statistics and every gradient), and backward_relu as a compiled graph calls it in backward's
+    place when a ReLU follows: {"forward_train": records, "backward": records, "backward_relu":
+    records, "tensor_bytes": bytes of one tensor of `shape`, "channels": C}. `layout`:
+    "contiguous", "channels_last" (4-D) or "rows" ((N, C))."""
     from batchrenorm_cuda._testing import make_params
 
     ops = getattr(torch.ops, NAMESPACE)
@@ -202,12 +203,16 @@ def count_train_step(module, shape, layout, dtype, seed=0):
     step = torch.zeros((), dtype=torch.long)
     out = {"tensor_bytes": x.nbytes, "channels": C}
     with launch_log(module) as records:
-        _, mean, invstd, r, d = ops.forward_train(x, weight, bias, running_mean, running_var, step,
+        y, mean, invstd, r, d = ops.forward_train(x, weight, bias, running_mean, running_var, step,
                                                   0.01, 1e-5, 3.0, 5.0, 0, 0, 0)
     out["forward_train"] = _with_plan(records, module.last_plan())
     with launch_log(module) as records:
         ops.backward(dy, x, weight, mean, invstd, r, d, True, [True, True, True])
     out["backward"] = _with_plan(records, module.last_plan())
+    relu_output = y.relu()
+    with launch_log(module) as records:
+        ops.backward_relu(dy, relu_output, x, weight, mean, invstd, r, d, True, [True, True, True])
+    out["backward_relu"] = _with_plan(records, module.last_plan())
     return out
 
 

@@ -93,6 +93,10 @@ def test_one_launch_per_op_and_each_tensor_moved_once(h100, case, dtype):
     # backward: reads x and dy, writes dx (the two together must fit).
     _check_op("backward", counted["backward"], 2 * nbytes, nbytes, C,
               fits_on_chip(2 * nbytes, device))
+    # backward_relu: reads x, dy and the ReLU output, writes dx; it keeps what backward keeps
+    # on chip (the masked dy and x), so it must fit where backward does.
+    _check_op("backward_relu", counted["backward_relu"], 3 * nbytes, nbytes, C,
+              fits_on_chip(2 * nbytes, device))
 
 
 def test_the_on_chip_rule_on_the_h100(h100):
@@ -173,7 +177,8 @@ def test_gpu_model_runs_end_to_end_and_writes_the_documented_record(h100, tmp_pa
     gpu_model = load_benchmark("gpu_model.py")
     gpu_model.main(["--smoke", "--jobs", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "gpu_model_h100_smoke.json").read_text())
-    assert len(rows) == 6 and {r["op"] for r in rows} == {"forward_train", "backward"}
+    assert len(rows) == 9 and {r["op"] for r in rows} == {"forward_train", "backward",
+                                                          "backward_relu"}
     for r in rows:
         assert {"op", "shape", "layout", "dtype", "launches", "grid_syncs", "ctas", "bytes_read",
                 "bytes_written", "tensor_bytes", "fits_on_chip", "modeled_us",

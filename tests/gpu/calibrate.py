@@ -166,12 +166,22 @@ def time_case(row):
 
         def native():
             aten.native_batch_norm(x, w, b, rm, rv, True, 0.01, 1e-5)
-    else:
+    elif row["op"] == "backward":
         def fused():
             ops.backward(dy, x, w, mean, invstd, r, d, True, [True] * 3)
 
         def native():
             aten.native_batch_norm_backward(dy, x, w, rm, rv, smean, sinv, True, 1e-5, [True] * 3)
+    else:  # backward_relu, against ReLU's backward then BatchNorm's
+        z = x.relu()
+
+        def fused():
+            ops.backward_relu(dy, z, x, w, mean, invstd, r, d, True, [True] * 3)
+
+        def native():
+            masked = aten.threshold_backward(dy, z, 0)
+            aten.native_batch_norm_backward(masked, x, w, rm, rv, smean, sinv, True, 1e-5,
+                                            [True] * 3)
     # Back-to-back calls, as the model prices them (launch overhead included).
     return (1e6 * min(event_time(fused, 20) for _ in range(5)),
             1e6 * min(event_time(native, 20) for _ in range(5)))

@@ -48,6 +48,8 @@ def run_case(shape, fmt, dtype):
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
         ops.backward(g, x, w, mean, invstd, r, d, True, mask)
         ops.backward(g, x, w, rm, invstd, None, None, False, mask)
+        ops.backward_relu(g, y.relu(), x, w, mean, invstd, r, d, True, mask)
+        ops.backward_relu(g, y.relu(), x, w, rm, invstd, None, None, False, mask)
     m, m2 = ops.batch_stats(x)
     ops.normalize(x, invstd, mean)
     s0, s1 = ops.backward_reduce(g, x, mean, invstd)
