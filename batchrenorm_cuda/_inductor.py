@@ -1,14 +1,14 @@
 """What Inductor is told of our backward ops: a layout constraint (grad_output in input's stride
 order), and a rewrite that fuses a ReLU's backward into ours.
 
-The constraint. Why: on the CPU Inductor runs convolutions in channels_last even in an NCHW model, but only up to
-the last convolution; past it, buffers keep the eager (NCHW) strides. So the gradient reaching
-the Batch Renorm layer after the last convolution comes in NCHW while the layer's input, the
-convolution's output, is channels_last, and the kernel must convert one of them (4-layer CNN,
-(8, 128, 32, 32): 12.1 ms against 0.75 ms with matching layouts). BatchNorm escapes this
+The constraint. Why: on the CPU Inductor runs convolutions in channels_last even in an NCHW model,
+but only up to the last convolution; past it, buffers keep the eager (NCHW) strides. So the
+gradient reaching the Batch Renorm layer after the last convolution comes in NCHW while the layer's
+input, the convolution's output, is channels_last, and the kernel must convert one of them (4-layer
+CNN, (8, 128, 32, 32): 12.1 ms against 0.75 ms with matching layouts). BatchNorm escapes this
 because Inductor decomposes it; our ops are extern kernels. Asking Inductor for grad_output in
-input's stride order lets the fused kernel that computes the gradient (ReLU's backward, say)
-write it in that order at no cost. benchmarks/NOTES.md, issue 22, has the measurements.
+input's stride order lets the fused kernel that computes the gradient (ReLU's backward, say) write
+it in that order at no cost. benchmarks/NOTES.md, issue 22, has the measurements.
 
 Inductor has no public API for an op's layout constraint (the schema tags offer the eager
 strides, exact or contiguous ones, or none), so this uses its lowering registry; `backward`'s
@@ -21,13 +21,13 @@ The fake kernel of `backward` calls `register_with_inductor` while AOTAutograd t
 backward graph, which happens before Inductor lowers it; if Inductor is not loaded by then,
 nothing is compiled with it and there is nothing to do.
 
-The rewrite. The same registration adds one to Inductor's post-grad pattern passes (its own list, not
-the user's `post_grad_custom_*_pass` slots): ReLU's backward feeding ours,
+The rewrite. The same registration adds one to Inductor's post-grad pattern passes (its own list,
+not the user's `post_grad_custom_*_pass` slots): ReLU's backward feeding ours,
 `backward(where(le(relu_output, 0), 0, grad), ...)`, becomes `backward_relu(grad, relu_output,
 ...)`, which masks the gradient as it loads it instead of reading a masked copy that Inductor
-wrote. Only where relu_output is a saved activation (already in memory: the next layer's input)
-and every user of the masked gradient is one of our backwards, so that the rewrite never makes
-Inductor write a tensor it would not have written. The values are the unfused graph's.
+wrote. Only where relu_output is a saved activation (already in memory: the next layer's input) and
+every user of the masked gradient is one of our backwards, so that the rewrite never makes Inductor
+write a tensor it would not have written. The values are the unfused graph's.
 """
 from __future__ import annotations
 
