@@ -115,7 +115,6 @@ def register_with_inductor(namespace) -> None:
                    layouts=False)
 
 
-
 def _register_relu_rewrite() -> None:
     global _REWRITE_REGISTERED
     if _REWRITE_REGISTERED:
@@ -161,7 +160,8 @@ def _rewrite(where, relu_output, zero, grad) -> None:
         return
     # Every tensor of input's shape, dtype and device, as backward_relu requires (where() could
     # broadcast its operands or promote their dtype).
-    vals = [n.meta.get("val") for n in [where, relu_output] + [u.args[1] for u in users]]
+    vals = [n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+            for n in [where, grad, relu_output] + [u.args[1] for u in users]]
     if not all(isinstance(t, torch.Tensor) and t.shape == vals[0].shape
                and t.dtype == vals[0].dtype and t.device == vals[0].device for t in vals):
         return

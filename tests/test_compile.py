@@ -364,3 +364,33 @@ def test_compiled_relu_backward_is_fused_where_it_saves_a_pass(make, n_fused, n_
     twin(x).square().sum().backward()
     for (n, p), (_, q) in zip(net.named_parameters(), twin.named_parameters()):
         assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("grad_shape,fused", [((2, 3, 4, 4), True), ((2, 3, 1, 1), False)])
+def test_relu_rewrite_needs_every_tensor_in_input_shape(grad_shape, fused):
+    """where() broadcasts; backward_relu does not: a gradient that where() would broadcast keeps
+    the unfused pair (a graph built by hand: autograd itself always gives full-size ones)."""
+    from batchrenorm_cuda import _inductor
+
+    aten, ops = torch.ops.aten, torch.ops.batchrenorm
+    _inductor._FUSED_RELU[ops.backward.default] = ops.backward_relu.default
+    graph = torch.fx.Graph()
+
+    def tensor(name, shape):
+        node = graph.placeholder(name)
+        node.meta["val"] = torch.empty(shape)
+        return node
+
+    z, grad, x = tensor("z", (2, 3, 4, 4)), tensor("grad", grad_shape), tensor("x", (2, 3, 4, 4))
+    mean, invstd = tensor("mean", (3,)), tensor("invstd", (3,))
+    zero = graph.call_function(aten.full.default, ([], 0.0))
+    where = graph.call_function(aten.where.self,
+                                (graph.call_function(aten.le.Scalar, (z, 0)), zero, grad))
+    where.meta["val"] = torch.empty(2, 3, 4, 4)
+    graph.output(graph.call_function(ops.backward.default, (where, x, None, mean, invstd, None,
+                                                            None, True, [True] * 3)))
+    _inductor._rewrite(where, z, zero, grad)
+    targets = [n.target for n in graph.nodes]
+    assert (ops.backward_relu.default in targets) == fused
+    assert (ops.backward.default in targets) != fused
+    assert (aten.where.self in targets) != fused
