@@ -2,7 +2,8 @@
 // Python module stub.
 //
 // Backends register their kernels in mirrored files:
-//   csrc/cpu/batchrenorm_cpu.cpp    TORCH_LIBRARY_IMPL(batchrenorm, CPU)
+//   csrc/cpu/batchrenorm_cpu.cpp (forwards), batchrenorm_cpu_backward.cpp (backwards)
+//                                   TORCH_LIBRARY_IMPL(batchrenorm, CPU)
 //   csrc/cuda/batchrenorm_cuda.cpp  TORCH_LIBRARY_IMPL(batchrenorm, CUDA)
 // Autograd: batchrenorm_autograd.h (C++, the Autograd key). The fake kernels and the vmap
 // rules: batchrenorm_cuda/_ops.py and _vmap.py.

@@ -197,7 +197,7 @@ inline TrainFlags check_forward_train(
 }
 
 // The building blocks' and backward's checks, one function per op, called by every backend's
-// glue (csrc/cpu/batchrenorm_cpu.cpp, csrc/cuda/batchrenorm_cuda_glue.h).
+// glue (csrc/cpu/batchrenorm_cpu*.cpp, csrc/cuda/batchrenorm_cuda_glue.h).
 inline void check_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
                            c10::DeviceType device_type, const std::optional<at::Tensor>& weight,
                            const at::Tensor& mean, const at::Tensor& invstd,

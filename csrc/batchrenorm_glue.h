@@ -1,4 +1,4 @@
-// batchrenorm_glue.h: what the CPU glue (cpu/batchrenorm_cpu.cpp) and the CUDA glue
+// batchrenorm_glue.h: what the CPU glue (cpu/batchrenorm_cpu_glue.h) and the CUDA glue
 // (cuda/batchrenorm_cuda_glue.h) do alike between the argument checks (batchrenorm_checks.h)
 // and the kernels: see the input in one of the two layouts of batchrenorm.h's Geometry, give
 // grad_output the same one, allocate outputs in the input's memory format (as
