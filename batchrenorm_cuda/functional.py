@@ -16,9 +16,17 @@ __all__ = ["batch_renorm"]
 _is_compiler_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
+# The traced training forward (_compiled.py) needs torch >= 2.12. Before, Dynamo folded
+# torch.compiler.is_exporting() to True under torch.compile too, which kept compiled training on
+# our opaque op; and on 2.11, put on the traced path anyway, the compiled backward ignored the
+# incoming gradient: every parameter's gradient came out zero (benchmarks/NOTES.md, issue 22).
+# There compiled training keeps the opaque op: correct, slower on the CPU.
+TRACED_FORWARD = torch.torch_version.TorchVersion(torch.__version__) >= (2, 12)
+
+
 def _is_tracing_for_inductor() -> bool:
     # torch.compile, not torch.export: an exported program keeps our ops (and needs no autograd).
-    return torch.compiler.is_compiling() and not _is_compiler_exporting()
+    return TRACED_FORWARD and torch.compiler.is_compiling() and not _is_compiler_exporting()
 
 
 def _is_exporting() -> bool:

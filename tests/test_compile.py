@@ -116,6 +116,9 @@ def test_compiled_training_is_fused_and_recomputed_as_batchnorm_is(monkeypatch):
     slowly; traced, it saves none. The backward is our kernel."""
     from batchrenorm_cuda import functional
 
+    if not functional.TRACED_FORWARD:
+        pytest.skip(f"torch {torch.__version__} < 2.12: compiled training keeps the opaque op "
+                    "(functional.TRACED_FORWARD says why)")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
                         brn.BatchRenorm2d(8, **SCHEDULE), nn.ReLU(),
