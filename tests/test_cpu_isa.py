@@ -21,7 +21,8 @@ import sys
 import pytest
 from batchrenorm_cuda import _ops
 assert _ops._C.cpu_kernels_isa() == sys.argv[1], (_ops._C.cpu_kernels_isa(), sys.argv[1])
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", *sys.argv[2:],
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-m", sys.argv[2],
+                      *sys.argv[3:],
                       "-k", "cpu and (training_steps or not_affine or momentum_none "
                             "or without_running_stats or large_inputs or ops_match "
                             "or masked_gradient)"]))
@@ -49,12 +50,14 @@ def test_the_isa_is_at_most_atens():
 
 
 @pytest.mark.parametrize("isa", ISAS[:-1])
-def test_lower_isa_kernels_match_the_reference(isa):
+def test_lower_isa_kernels_match_the_reference(isa, request):
     if ISAS.index(isa) >= ISAS.index(brn._ops._C.cpu_kernels_isa()):
         pytest.skip(f"the main test process runs {brn._ops._C.cpu_kernels_isa()} already")
     env = dict(os.environ, BATCHRENORM_CPU_ISA=isa)
     files = [os.path.join(HERE, f) for f in ("test_fused_kernels.py", "test_backward_relu.py")]
-    run = subprocess.run([sys.executable, "-c", _CHILD, isa, *files],
+    # The parent's -m (make test-torch deselects the emulated CUDA kernels) holds in the child.
+    markexpr = request.config.getoption("markexpr") or ""
+    run = subprocess.run([sys.executable, "-c", _CHILD, isa, markexpr, *files],
                          cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
