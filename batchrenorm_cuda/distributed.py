@@ -305,17 +305,20 @@ class SyncBatchRenorm(_BatchRenorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        sync = self._sync_group() if self.training else None
-        if sync is None:
+        if not self.training or self._sync_group() is None:
             return super().forward(input)
-        return self._synchronised_forward(input, *sync)
+        # Only the input crosses into the eager step below, which looks the group up again:
+        # torch 2.12's Dynamo failed an assertion rebuilding a ProcessGroup passed across that
+        # graph break.
+        return self._synchronised_forward(input)
 
     # torch.compile runs this step eagerly, a graph break on each side (as for nn.SyncBatchNorm
     # over gloo): Dynamo cannot trace an autograd.Function whose forward and backward make
     # blocking collectives and whose first step reads the group's header back to the host. The
     # rest of a compiled model stays compiled; the unsynchronised and eval paths compile whole.
     @torch.compiler.disable
-    def _synchronised_forward(self, input: Tensor, group: ProcessGroup, world_size: int) -> Tensor:
+    def _synchronised_forward(self, input: Tensor) -> Tensor:
+        group, world_size = self._sync_group()
         caller = type(self).__name__
         check_input_dtype(caller, input)
         sdt = stat_dtype(input.dtype)
