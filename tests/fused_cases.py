@@ -157,8 +157,8 @@ LAYOUT_CASES = [
 
 
 # ---------------------------------------------------------------------------------------------
-# The backends of the op-level tests (test_fused_kernels.py, test_backward_relu.py), which import
-# the fixture.
+# The backends of the op-level tests (test_fused_kernels.py, test_op_calls.py,
+# test_backward_relu.py), which import the fixture.
 
 class Target(str):
     """The backend under test: its name (compares as a str), the device its tensors live on and

@@ -3,7 +3,7 @@
 backend: backward's results on threshold_backward's masked gradient, bit for bit, in each
 layout, rank and dtype and both forms (training, eval); the mask's edge values; its checks.
 The rewrite itself is tested in test_compile.py; opcheck, the CPU comparison and the poisoned
-outputs in test_fused_kernels.py (its op samples include backward_relu)."""
+outputs in test_op_calls.py (fused_cases.op_samples includes backward_relu)."""
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """Each build of the CPU kernels (csrc/cpu/batchrenorm_cpu_kernels_{base,avx2,avx512}.cpp) runs
-the fused-vs-reference cases of test_fused_kernels.py and test_backward_relu.py (CPU backend).
+the fused-vs-reference cases of test_fused_kernels.py, test_op_calls.py and test_backward_relu.py
+(CPU backend).
 The main test process uses the highest one this CPU and ATen allow; each lower one runs here,
 in a process that BATCHRENORM_CPU_ISA forces to it, after checking that it took effect."""
 import os
@@ -54,7 +55,8 @@ def test_lower_isa_kernels_match_the_reference(isa, request):
     if ISAS.index(isa) >= ISAS.index(brn._ops._C.cpu_kernels_isa()):
         pytest.skip(f"the main test process runs {brn._ops._C.cpu_kernels_isa()} already")
     env = dict(os.environ, BATCHRENORM_CPU_ISA=isa)
-    files = [os.path.join(HERE, f) for f in ("test_fused_kernels.py", "test_backward_relu.py")]
+    files = [os.path.join(HERE, f) for f in ("test_fused_kernels.py", "test_op_calls.py",
+                                              "test_backward_relu.py")]
     # The parent's -m (make test-torch deselects the emulated CUDA kernels) holds in the child.
     markexpr = request.config.getoption("markexpr") or ""
     run = subprocess.run([sys.executable, "-c", _CHILD, isa, markexpr, *files],

@@ -1,9 +1,9 @@
 """The emulated CUDA kernels under AddressSanitizer and UBSan: out-of-bounds global (tensor) and
 shared-memory accesses, and undefined behaviour, in the kernels and their host code.
 
-A subprocess runs a slice of tests/test_fused_kernels.py's emulated cases with the ASan build of
-libbatchrenorm_cuda_emulation.so (BRN_CUDA_EMULATION_ASAN=1) and libasan preloaded (python is not
-instrumented itself); any report fails the run."""
+A subprocess runs a slice of tests/test_fused_kernels.py's and test_op_calls.py's emulated cases
+with the ASan build of libbatchrenorm_cuda_emulation.so (BRN_CUDA_EMULATION_ASAN=1) and libasan
+preloaded (python is not instrumented itself); any report fails the run."""
 import os
 import subprocess
 import sys
@@ -44,7 +44,8 @@ def test_emulated_kernels_under_address_sanitizer(cuda_emulation, tmp_path):
                    check=True, capture_output=True)
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider",
-         os.path.join(HERE, "test_fused_kernels.py"), os.path.join(HERE, "test_cuda_emulator.py"),
+         os.path.join(HERE, "test_fused_kernels.py"), os.path.join(HERE, "test_op_calls.py"),
+         os.path.join(HERE, "test_cuda_emulator.py"),
          "-m", "cuda_emulation", "-k", SLICE,
          "--hypothesis-seed=0"],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE), timeout=1800)

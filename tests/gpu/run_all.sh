@@ -105,6 +105,7 @@ part1() {
   # The CUDA tests: the fused-kernel tests on the GPU backend only (the emulated and CPU ones
   # ran in CI), the >2^31-element test left to part 2's time if any.
   step pytest_cuda 150 "$PY" -m pytest -q -x -rfE -n 8 --durations=10 tests/test_fused_kernels.py \
+    tests/test_op_calls.py tests/test_backward_relu.py \
     -k "cuda and not cuda_emulated" -m "not slow" -p no:cacheprovider
   # A sanitizer slice: memory errors and barrier misuse first (racecheck and initcheck: part 2).
   sanitize memcheck 60
