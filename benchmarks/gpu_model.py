@@ -303,10 +303,13 @@ def _count(case):
     return case, counted
 
 
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # a record's dtype
+
+
 def price(row: Dict, P=H100):
     """(fused, native) modelled microseconds of one record of the JSON under parameters P
     (tests/gpu/calibrate.py reprices with measured ones)."""
-    shape, elt = tuple(row["shape"]), {"float32": 4, "bfloat16": 2, "float16": 2}[row["dtype"]]
+    shape, elt = tuple(row["shape"]), ELEMENT_BYTES[row["dtype"]]
     ours = ours_kernels(row["op"], shape, row["layout"], elt, row["launch_records"], P)
     native = native_kernels(row["op"], shape, row["layout"], elt, P)
     return (1e6 * sum(kernel_seconds(k, P) for k in ours),
@@ -316,7 +319,7 @@ def price(row: Dict, P=H100):
 def price_unfused(relu_row: Dict, backward_row: Dict, P=H100) -> float:
     """Modelled microseconds of what backward_relu replaces: ReLU's backward kernel, then our
     backward reading the dy it wrote (from L2 when the tensors fit)."""
-    shape, elt = tuple(relu_row["shape"]), {"float32": 4, "bfloat16": 2}[relu_row["dtype"]]
+    shape, elt = tuple(relu_row["shape"]), ELEMENT_BYTES[relu_row["dtype"]]
     T = math.prod(shape) * elt
     ours = ours_kernels("backward", shape, relu_row["layout"], elt,
                         backward_row["launch_records"], P, cached=T)

@@ -127,12 +127,11 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
       const scalar_t* pg = dy.data_ptr<scalar_t>();
       const scalar_t* pz = data_or_null<scalar_t>(z);
       const scalar_t* px = x.data_ptr<scalar_t>();
-      if (pz != nullptr)
-        BRN_CALL_KERNEL(grad_planes_fused<scalar_t, true>(po, pg, pz, px, g, vm.data(), coeffs,
-                                                          sums.data()));
-      else
-        BRN_CALL_KERNEL(grad_planes_fused<scalar_t, false>(po, pg, pz, px, g, vm.data(), coeffs,
-                                                           sums.data()));
+      with_relu_mask(pz, [&](auto masked) {
+        constexpr bool kMasked = decltype(masked)::value;
+        BRN_CALL_KERNEL(grad_planes_fused<scalar_t, kMasked>(po, pg, pz, px, g, vm.data(),
+                                                             coeffs, sums.data()));
+      });
     } else if (need_sums) {
       // With the batch's own statistics, sum(x - mean) recovers the float64 mean's residue
       // that the saved (rounded) mean lost: mean_true = mean + sum(x - mean) / count.

@@ -116,6 +116,16 @@ const scalar_t* data_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
+// call(std::true_type{}) when relu_output is given (pz), else call(std::false_type{}): the
+// kernels' kMasked, picked once per op call.
+template <typename F>
+void with_relu_mask(const void* pz, const F& call) {
+  if (pz != nullptr)
+    call(std::true_type{});
+  else
+    call(std::false_type{});
+}
+
 template <typename scalar_t, bool kCentre>
 std::vector<GradSums> channel_grad_sums(const Tensor& dy, const Tensor& relu_output,
                                         const Tensor& x, const Geometry& g,
@@ -124,10 +134,11 @@ std::vector<GradSums> channel_grad_sums(const Tensor& dy, const Tensor& relu_out
   const scalar_t* pg = dy.data_ptr<scalar_t>();
   const scalar_t* pz = data_or_null<scalar_t>(relu_output);
   const scalar_t* px = x.data_ptr<scalar_t>();
-  if (pz != nullptr)
-    BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre, true>(pg, pz, px, g, mean, out.data()));
-  else
-    BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre, false>(pg, pz, px, g, mean, out.data()));
+  with_relu_mask(pz, [&](auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
+    BRN_CALL_KERNEL(channel_grad_sums<scalar_t, kCentre, kMasked>(pg, pz, px, g, mean,
+                                                                  out.data()));
+  });
   return out;
 }
 
@@ -173,14 +184,11 @@ void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Tensor& r
   const scalar_t* pg = kForm == Form::kAffine ? nullptr : dy.data_ptr<scalar_t>();
   const scalar_t* pz = data_or_null<scalar_t>(relu_output);
   scalar_t* po = out.data_ptr<scalar_t>();
-  if constexpr (kForm == Form::kAffine) {
-    BRN_CALL_KERNEL(elementwise<scalar_t, kForm, false>(po, px, pg, pz, g, c));
-  } else {
-    if (pz != nullptr)
-      BRN_CALL_KERNEL(elementwise<scalar_t, kForm, true>(po, px, pg, pz, g, c));
-    else
-      BRN_CALL_KERNEL(elementwise<scalar_t, kForm, false>(po, px, pg, pz, g, c));
-  }
+  with_relu_mask(pz, [&](auto masked) {
+    // The affine pass has no dy to mask (and is never given relu_output).
+    constexpr bool kMasked = decltype(masked)::value && kForm != Form::kAffine;
+    BRN_CALL_KERNEL(elementwise<scalar_t, kForm, kMasked>(po, px, pg, pz, g, c));
+  });
 }
 
 }  // namespace cpu

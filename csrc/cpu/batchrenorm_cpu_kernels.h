@@ -1,5 +1,6 @@
 // batchrenorm_cpu_kernels.h: the interface between the CPU ops (batchrenorm_cpu.cpp,
-// batchrenorm_cpu_backward.cpp: checks, layouts, per-channel coefficients) and the vectorised loops (batchrenorm_cpu_kernels_impl.h).
+// batchrenorm_cpu_backward.cpp: checks, layouts, per-channel coefficients) and the vectorised
+// loops (batchrenorm_cpu_kernels_impl.h).
 //
 // The loops are compiled three times: namespace `base` for the baseline instruction set, and,
 // on x86-64, namespaces `avx2` (AVX2 + FMA + F16C) and `avx512` (AVX-512 F/BW/VL/DQ as well),
@@ -56,8 +57,8 @@ struct Coeffs {  // arrays of C values each
 };
 
 // The training backward's kGrad coefficients of channels [c0, c1) from their GradSums (sums[c]):
-// the glue's formula (batchrenorm_cpu_backward.cpp, grad_coeffs), handed to the fused kernel as a plain
-// function and context, into m[c - c0], a, b, k. One call per block of channels, not per
+// the glue's formula (batchrenorm_cpu_backward.cpp, grad_coeffs), handed to the fused kernel as
+// a plain function and context, into m[c - c0], a, b, k. One call per block of channels, not per
 // channel: on a 7 x 7 map the indirect call and its setup were a tenth of the kernel.
 template <typename acc_t>
 struct GradCoeffFn {

@@ -374,7 +374,8 @@ inline void elementwise_vec2(scalar_t* po, const scalar_t* px, const scalar_t* p
   if constexpr (kForm != Form::kAffine)
     std::tie(g0, g1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(pg + i));
   if constexpr (kMasked) {
-    const auto [z0, z1] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(pz + i));
+    const auto [z0, z1] =
+        at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(pz + i));
     g0 = relu_masked(g0, z0);
     g1 = relu_masked(g1, z1);
   }
@@ -393,7 +394,8 @@ inline void elementwise_one(scalar_t* po, const scalar_t* px, const scalar_t* pg
   if constexpr (kForm == Form::kAffine) {
     v = fmadd_one(static_cast<acc_t>(px[i]) - m, a, b);
   } else if constexpr (kForm == Form::kGrad) {
-    v = fmadd_one(grad_one<kMasked>(pg, pz, i), k, fmadd_one(static_cast<acc_t>(px[i]) - m, a, b));
+    v = fmadd_one(grad_one<kMasked>(pg, pz, i), k,
+                  fmadd_one(static_cast<acc_t>(px[i]) - m, a, b));
   } else {
     v = grad_one<kMasked>(pg, pz, i) * k;
   }
@@ -456,10 +458,10 @@ void elementwise_rows(scalar_t* po, const scalar_t* px, const scalar_t* pg, cons
     }
     for (int64_t c = nvec * V; c < C; ++c)
       elementwise_one<scalar_t, kForm, kMasked>(po, px, pg, pz, base + c,
-                                       kCentred ? co.m[c] : acc_t(0),
-                                       kForm == Form::kScale ? acc_t(0) : co.a[c],
-                                       kForm == Form::kScale ? acc_t(0) : co.b[c],
-                                       kForm == Form::kAffine ? acc_t(0) : co.k[c]);
+                                                kCentred ? co.m[c] : acc_t(0),
+                                                kForm == Form::kScale ? acc_t(0) : co.a[c],
+                                                kForm == Form::kScale ? acc_t(0) : co.b[c],
+                                                kForm == Form::kAffine ? acc_t(0) : co.k[c]);
   }
 }
 
