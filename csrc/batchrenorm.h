@@ -73,6 +73,21 @@ BRN_HOST_DEVICE double running_average_factor(bool cumulative, double momentum, 
   return cumulative ? 1.0 / (static_cast<double>(step) + 1.0) : momentum;
 }
 
+// A channel is well centred when |mean * invstd| <= 16: its mean is at most 16 sigma from 0.
+// The backward relies on it twice. (a) The saved mean is rounded to float; with the batch's own
+// statistics the backward can recover what rounding lost, the residue sum(x - mean) / count,
+// which is at most |mean| * 2^-24, i.e. |mean * invstd| * 2^-24 of sigma. In a well-centred
+// channel that is <= 1e-6 of sigma, below float32's own summation error over a batch, so the
+// saved mean is taken at its word (as ATen's backward always does) and the CPU kernels skip the
+// residue's sum; elsewhere (a mean of 1e4 with a std of 1e-2) it is recovered. (b) The CPU's
+// elementwise gradient pass may fold the centre into its constant (batchrenorm_cpu_glue.h).
+// Per channel, the same on every backend. NaN is not well centred.
+constexpr double kWellCentredBound = 16.0;
+BRN_HOST_DEVICE bool well_centred(double mean, double invstd) {
+  const double z = mean * invstd;
+  return z <= kWellCentredBound && z >= -kWellCentredBound;
+}
+
 BRN_HOST_DEVICE bool is_finite_value(double v) {
 #if defined(__CUDA_ARCH__)
   return isfinite(v);

@@ -43,12 +43,22 @@ def oracle(x, **kwargs):
     return step(x.double(), "reference", **kwargs)
 
 
-def test_large_mean_small_std_float32(backend):
-    # mean 1e4, std 1e-2: the float32 ulp at 1e4 is 1e-3, a tenth of sigma. Within 1e-3
+# Each of the CPU kernels' backward paths: the planes' two passes (C < 8), the fused planes
+# (C >= 8), the rows (channels_last, and 2-D).
+@pytest.mark.parametrize("shape,fmt", [((8, 4, 6, 6), torch.contiguous_format),
+                                       ((8, 16, 6, 6), torch.contiguous_format),
+                                       ((8, 4, 6, 6), torch.channels_last),
+                                       ((288, 4), torch.contiguous_format)],
+                         ids=["planes", "planes_fused", "channels_last", "2d"])
+def test_large_mean_small_std_float32(shape, fmt, backend):
+    # mean 1e4, std 1e-2: the float32 ulp at 1e4 is 1e-3, a tenth of sigma, so the backward
+    # must recover the saved mean's rounding (batchrenorm.h, well_centred). Within 1e-3
     # relative of float64 on the same values.
     torch.manual_seed(0)
-    x = (1e4 + 1e-2 * torch.randn(8, 4, 6, 6, dtype=torch.float64)).float()
-    running = (torch.full((4,), 1e4), torch.full((4,), 1e-4))
+    x = (1e4 + 1e-2 * torch.randn(shape, dtype=torch.float64)).float()
+    x = x.contiguous(memory_format=fmt)
+    C = shape[1]
+    running = (torch.full((C,), 1e4), torch.full((C,), 1e-4))
     y, dx, rm, rv, _ = step(x, backend, running=running)
     y64, dx64, rm64, rv64, _ = oracle(x, running=running)
     assert_close(y.double(), y64, atol=1e-3 * float(y64.abs().max()), rtol=1e-3)

@@ -9,14 +9,16 @@ namespace {
 
 // Per channel, from its GradSums: the saved mean's residue (with the batch's own statistics,
 // sum(x - mean) recovers the float64 mean's residue that the rounded mean lost:
-// mean_true = mean + sum(x - mean) / count) and sum(dy * xhat), in float64. inv_count is
-// 1 / count, or 0 when there are no values or no batch statistics (then the residue is 0).
+// mean_true = mean + sum(x - mean) / count; only where the channel is not well centred, see
+// batchrenorm.h) and sum(dy * xhat), in float64. inv_count is 1 / count, or 0 when there are
+// no values or no batch statistics (then the residue is 0).
 struct ChannelGrad {
   double residue;
   double sum_dy_xhat;
 };
-inline ChannelGrad channel_grad(const GradSums& s, double invstd, double inv_count) {
-  const double residue = s.xc * inv_count;
+inline ChannelGrad channel_grad(const GradSums& s, double mean, double invstd,
+                                double inv_count) {
+  const double residue = well_centred(mean, invstd) ? 0.0 : s.xc * inv_count;
   return {residue, invstd * (s.dy_xc - residue * s.dy)};
 }
 
@@ -36,7 +38,7 @@ struct GradContext {
 template <typename acc_t>
 void param_grads(const GradContext<acc_t>& ctx, int64_t c, const GradSums& s) {
   if (ctx.grad_weight != nullptr) {
-    const ChannelGrad cg = channel_grad(s, ctx.invstd[c], ctx.inv_count);
+    const ChannelGrad cg = channel_grad(s, ctx.mean[c], ctx.invstd[c], ctx.inv_count);
     ctx.grad_weight[c] = static_cast<acc_t>(static_cast<double>(ctx.r[c]) * cg.sum_dy_xhat +
                                             static_cast<double>(ctx.d[c]) * s.dy);
   }
@@ -57,7 +59,7 @@ void grad_coeffs(const GradContext<acc_t>& ctx, int64_t c, const GradSums& s, ac
   *a = acc_t(0);
   *b = acc_t(0);
   if (ctx.inv_count > 0) {
-    const ChannelGrad cg = channel_grad(s, inv, ctx.inv_count);
+    const ChannelGrad cg = channel_grad(s, ctx.mean[c], inv, ctx.inv_count);
     const double mean_dy = s.dy * ctx.inv_count;
     const double mean_dy_xhat = cg.sum_dy_xhat * ctx.inv_count;
     *m = ctx.mean[c];
@@ -116,6 +118,11 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
     const GradContext<acc_t> ctx{w, vm, vi, vr, vd, inv_count,
                                  output_mask[1] ? grad_weight.data_ptr<acc_t>() : nullptr,
                                  output_mask[2] ? grad_bias.data_ptr<acc_t>() : nullptr};
+    // Whether every channel is well centred (batchrenorm.h): then no residue is recovered, so
+    // the sums need not compute sum(x - mean), and the rows gradient pass may fold the centre.
+    bool all_well_centred = true;
+    for (int64_t c = 0; c < C && all_well_centred; ++c)
+      all_well_centred = well_centred(vm[c], vi[c]);
     std::vector<GradSums> sums;
     const bool fused = output_mask[0] && fused_grad_applies(g, train);
     if (fused) {
@@ -133,18 +140,16 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
                                                              coeffs, sums.data()));
       });
     } else if (need_sums) {
-      // With the batch's own statistics, sum(x - mean) recovers the float64 mean's residue
-      // that the saved (rounded) mean lost: mean_true = mean + sum(x - mean) / count.
-      sums = train ? channel_grad_sums<scalar_t, true>(dy, z, x, g, vm.data())
-                   : channel_grad_sums<scalar_t, false>(dy, z, x, g, vm.data());
+      // sum(x - mean), for the residue (channel_grad), only when training on a channel that
+      // is not well centred: it is the loop's third accumulator.
+      sums = train && !all_well_centred
+                 ? channel_grad_sums<scalar_t, true>(dy, z, x, g, vm.data())
+                 : channel_grad_sums<scalar_t, false>(dy, z, x, g, vm.data());
       for (int64_t c = 0; c < C; ++c) param_grads(ctx, c, sums[c]);
     }
     if (output_mask[0] && !fused) {
       CoeffArrays<acc_t> co(C);
-      co.fold_grad = true;
-      for (int64_t c = 0; c < C; ++c)
-        co.fold_grad = co.fold_grad &&
-                       std::abs(static_cast<double>(vm[c]) * static_cast<double>(vi[c])) <= 16.0;
+      co.fold_grad = all_well_centred;
       for (int64_t c = 0; c < C; ++c)
         grad_coeffs(ctx, c, train ? sums[c] : GradSums(), &co.m[c], &co.a[c], &co.b[c],
                     &co.k[c]);

@@ -146,8 +146,8 @@ template <typename acc_t>
 struct CoeffArrays {  // per channel, in acc_t: m, a, b, k of Form, in one allocation
   std::vector<acc_t> storage;
   acc_t *m, *a, *b, *k;
-  // kGrad: every channel has |m * invstd| <= 16, so the centre may be folded into b (set by
-  // the caller, which knows invstd).
+  // kGrad: every channel is well centred (batchrenorm.h), so the centre may be folded into b
+  // (set by the caller, which knows invstd).
   bool fold_grad = false;
   explicit CoeffArrays(int64_t C)
       : storage(4 * C, acc_t(0)), m(storage.data()), a(m + C), b(a + C), k(b + C) {}
@@ -162,7 +162,8 @@ void elementwise(Tensor& out, const Tensor& x, const Tensor& dy, const Tensor& r
   // that the loop loads one coefficient vector fewer (m == nullptr tells it so), when every
   // channel is well conditioned. Affine pass: |m * a| <= 16, so x * a stays within 16 of the
   // output's own scale and the fold costs at most ~1e-6 absolute. Gradient pass (fold_grad,
-  // set by the caller): |m * invstd| <= 16, so |x * a| stays within 16 times
+  // set by the caller): every channel well centred, |m * invstd| <= 16 (batchrenorm.h), so
+  // |x * a| stays within 16 times
   // |k * mean(dy * xhat)| <= |k| * rms(dy), the output's scale: at most ~16 ulp of it.
   bool fold = false;
   if (kForm == Form::kAffine && g.rows) {

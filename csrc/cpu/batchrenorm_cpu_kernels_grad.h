@@ -107,6 +107,9 @@ __attribute__((always_inline)) inline GradSums plane_grad_sums(
   return sums;
 }
 
+// x and dy together at most this (rows layout): the sums interleave four rows (see below).
+constexpr int64_t kInterleaveMaxBytes = int64_t{4} << 20;
+
 // Per channel: sum(dy), sum(dy * (x - m)) and, when kCentre, sum(x - m), in float64.
 template <typename scalar_t, bool kCentre, bool kMasked>
 void channel_grad_sums(const scalar_t* pg, const scalar_t* pz, const scalar_t* px,
@@ -138,6 +141,13 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* pz, const scalar_t* p
   const int64_t cblock = rows_channel_block(C, nrb, V);
   const int64_t ncb = (C + cblock - 1) / cblock;
   std::vector<Slot<GradSums>> partial(nrb * C);
+  // Four rows per accumulator load and store where the loop is bound by those stores: x and dy
+  // in L2 (measured on the Intel VM: (512, 256) 0.029 -> 0.019 ms), or rows of 8 KiB and more.
+  // Otherwise one row at a time: streaming from L3 or memory, the four interleaved rows of
+  // 0.5-2 KiB made the loop 1.5-1.9x slower on Zen 3 (benchmarks/NOTES.md, issue 24 on AMD).
+  // Either way each lane adds its rows in row order, so the sums are the same.
+  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
+  const bool interleave = 2 * M * row_bytes <= kInterleaveMaxBytes || row_bytes >= 8192;
   at::parallel_for(0, ncb * nrb, 1, [&](int64_t begin, int64_t end) {
     // Local copies: the accumulator stores below are may_alias (see elementwise), and would
     // make the compiler reload pointers it reached through the lambda's references.
@@ -154,10 +164,8 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* pz, const scalar_t* p
       std::vector<acc_t> acc(3 * V * std::max<int64_t>(nvec, 1));
       for (int64_t r0 = rb * kRowBlock; r0 < r_end; r0 += kRowChunk) {
         const int64_t r1 = std::min(r_end, r0 + kRowChunk);
-        // Over the item's channels a few rows at a time (kRows sequential streams per tensor),
-        // float accumulators in L1, each loaded and stored once per kRows rows: stored at
-        // every row, their three stores per vector bounded the loop while the data was in
-        // L2. Each lane adds its rows in row order either way, so the sums do not change.
+        // Over the item's channels kRows rows at a time (1, or 4 where `interleave`), float
+        // accumulators in L1, each loaded and stored once per kRows rows.
         for (int64_t j = 0; j < nvec; ++j) {
           aVec(acc_t(0)).store(acc.data() + 3 * j * V);
           aVec(acc_t(0)).store(acc.data() + (3 * j + 1) * V);
@@ -171,7 +179,8 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* pz, const scalar_t* p
           acc_t* A = acc.data();
           for (int64_t j = 0; j < nvec; ++j, A += 3 * V) {
             const aVec mv = aVec::loadu(m_ + c0 + j * V);
-            aVec s0 = aVec::loadu(A), s1 = aVec::loadu(A + V), s2 = aVec::loadu(A + 2 * V);
+            aVec s0 = aVec::loadu(A), s1 = aVec::loadu(A + V);
+            aVec s2 = kCentre ? aVec::loadu(A + 2 * V) : aVec(acc_t(0));
             for (int64_t i = 0; i < kRows; ++i) {
               const aVec gv = load_grad<kMasked>(q, z, i * C + j * V);
               const aVec xc = load_acc(p + i * C + j * V) - mv;
@@ -184,10 +193,9 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* pz, const scalar_t* p
             if constexpr (kCentre) s2.store(A + 2 * V);
           }
         };
-        constexpr int64_t kRows = 4;
         int64_t r = r0;
-        for (; r + kRows <= r1; r += kRows)
-          accumulate_rows(r, std::integral_constant<int64_t, kRows>());
+        if (interleave)
+          for (; r + 4 <= r1; r += 4) accumulate_rows(r, std::integral_constant<int64_t, 4>());
         for (; r < r1; ++r) accumulate_rows(r, std::integral_constant<int64_t, 1>());
         for (int64_t j = 0; j < nvec; ++j) {
           const acc_t* A = acc.data() + 3 * j * V;

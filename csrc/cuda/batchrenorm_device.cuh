@@ -272,9 +272,12 @@ __device__ __forceinline__ GradCoeffs<acc_t> grad_channel(const GradParams& p, i
                                                           acc_t sxc, double inv_m, bool write) {
   const acc_t invstd = load_global_ro(static_cast<const acc_t*>(p.invstd) + c);
   const acc_t im = static_cast<acc_t>(inv_m);
-  // Only the batch's own mean has a residue to recover; backward_reduce and the eval backward
-  // take the mean they are given at its word.
-  const acc_t residue = !p.reduce_only && p.through_stats ? sxc * im : acc_t(0);
+  // Only the batch's own mean has a residue to recover, and only where the channel is not well
+  // centred (batchrenorm.h); backward_reduce and the eval backward take the mean they are given
+  // at its word.
+  const bool recover = !p.reduce_only && p.through_stats &&
+                       !well_centred(static_cast<double>(mean), static_cast<double>(invstd));
+  const acc_t residue = recover ? sxc * im : acc_t(0);
   const acc_t sdxhat = (sdyxc - residue * sdy) * invstd;
   if (p.reduce_only) {
     if (write) {
