@@ -59,7 +59,8 @@ def test_deterministic_with_threads(shape, fmt):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 300, 200), (8, 16, 20, 20)])  # 2-pass, fused backward
+# 2-pass and fused backward; more channels than the forward's per-channel loop takes a thread.
+@pytest.mark.parametrize("shape", [(2, 3, 300, 200), (8, 16, 20, 20), (2, 1100, 3, 3)])
 def test_thread_count_does_not_change_results(shape):
     # The reductions' work partition has fixed sizes: one thread or two give the same bits.
     x = torch.randn(shape) * 3 + 1

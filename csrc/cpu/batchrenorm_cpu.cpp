@@ -25,6 +25,8 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // The ops.
 
+constexpr int64_t kChannelLoopGrain = 512;
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
@@ -77,37 +79,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
     acc_t* s_r = save_r.data_ptr<acc_t>();
     acc_t* s_d = save_d.data_ptr<acc_t>();
     CoeffArrays<acc_t> co(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const double mean = mom[c].mean;
-      const double wc = static_cast<double>(w[c]), bc = static_cast<double>(b[c]);
-      // M2 is merged in double here, but the policy (finite_stats) is that of a float M2, as
-      // the CUDA kernels and the reference have it: a variance is usable only if M2 is finite
-      // in acc_t.
-      const bool m2_finite = mom[c].m2 <= static_cast<double>(std::numeric_limits<acc_t>::max());
-      const double var = m2_finite ? mom[c].m2 / static_cast<double>(count) : INFINITY;
-      const acc_t mean_a = static_cast<acc_t>(mean), var_a = static_cast<acc_t>(var);
-      // d from the float64 mean (renorm_coeffs says why).
-      const acc_t mean_minus_run_mean =
-          has_running ? static_cast<acc_t>(mean - static_cast<double>(prm[c])) : acc_t(0);
-      const ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
-          mean_a, var_a, static_cast<acc_t>(eps), has_running, mean_minus_run_mean,
-          has_running ? prv[c] : acc_t(1), rmax, dmax, w[c], b[c]);
-      // y = x * scale + shift, evaluated centred on mean_a (see the header comment): the shift
-      // that goes with (x - mean_a) is shift + scale * mean_a
-      //   = bias + weight * (d - r * invstd * (mean - mean_a)),
-      // where mean - mean_a is the float64 mean's rounding residue.
-      co.m[c] = mean_a;
-      co.a[c] = k.scale;
-      co.b[c] = static_cast<acc_t>(
-          bc + wc * (static_cast<double>(k.d) -
-                     static_cast<double>(k.r) * static_cast<double>(k.invstd) *
-                         (mean - static_cast<double>(mean_a))));
-      s_mean[c] = mean_a;
-      s_invstd[c] = k.invstd;
-      s_r[c] = k.r;
-      s_d[c] = k.d;
-      if (has_running) update_running<acc_t>(mean_a, var_a, count, factor, prm + c, prv + c);
-    }
+    // ~45 cycles a channel (square roots and divisions), so worth sharing out from 1,024
+    // channels; each channel writes only its own entries.
+    at::parallel_for(0, C, kChannelLoopGrain, [&](int64_t c_begin, int64_t c_end) {
+      // Local copies: the stores below could alias what the lambda's references point to, and
+      // the compiler would reload those at every channel.
+      acc_t* const cm = co.m;
+      acc_t* const ca = co.a;
+      acc_t* const cb = co.b;
+      acc_t* const o_mean = s_mean;
+      acc_t* const o_invstd = s_invstd;
+      acc_t* const o_r = s_r;
+      acc_t* const o_d = s_d;
+      acc_t* const run_mean = prm;
+      acc_t* const run_var = prv;
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const double mean = mom[c].mean;
+        const double wc = static_cast<double>(w[c]), bc = static_cast<double>(b[c]);
+        // M2 is merged in double here, but the policy (finite_stats) is that of a float M2, as
+        // the CUDA kernels and the reference have it: a variance is usable only if M2 is finite
+        // in acc_t.
+        const bool m2_finite = mom[c].m2 <= static_cast<double>(std::numeric_limits<acc_t>::max());
+        const double var = m2_finite ? mom[c].m2 / static_cast<double>(count) : INFINITY;
+        const acc_t mean_a = static_cast<acc_t>(mean), var_a = static_cast<acc_t>(var);
+        // d from the float64 mean (renorm_coeffs says why).
+        const acc_t mean_minus_run_mean =
+            has_running ? static_cast<acc_t>(mean - static_cast<double>(run_mean[c])) : acc_t(0);
+        const ChannelCoeffs<acc_t> k = renorm_coeffs<acc_t>(
+            mean_a, var_a, static_cast<acc_t>(eps), has_running, mean_minus_run_mean,
+            has_running ? run_var[c] : acc_t(1), rmax, dmax, w[c], b[c]);
+        // y = x * scale + shift, evaluated centred on mean_a (see the header comment): the shift
+        // that goes with (x - mean_a) is shift + scale * mean_a
+        //   = bias + weight * (d - r * invstd * (mean - mean_a)),
+        // where mean - mean_a is the float64 mean's rounding residue.
+        cm[c] = mean_a;
+        ca[c] = k.scale;
+        cb[c] = static_cast<acc_t>(
+            bc + wc * (static_cast<double>(k.d) -
+                       static_cast<double>(k.r) * static_cast<double>(k.invstd) *
+                           (mean - static_cast<double>(mean_a))));
+        o_mean[c] = mean_a;
+        o_invstd[c] = k.invstd;
+        o_r[c] = k.r;
+        o_d[c] = k.d;
+        if (has_running)
+          update_running<acc_t>(mean_a, var_a, count, factor, run_mean + c, run_var + c);
+      }
+    });
     elementwise<scalar_t, Form::kAffine>(output, x, Tensor(), Tensor(), g, co);
     if (has_running) {
       if (!running_mean->is_same(rm)) running_mean->copy_(rm);
