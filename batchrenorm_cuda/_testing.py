@@ -58,6 +58,20 @@ def traffic_limit(tensor_bytes: int, channels: int, stat_bytes: int = 4) -> floa
     return (1 + TRAFFIC_SLACK) * tensor_bytes + PER_CHANNEL_VECTORS * channels * stat_bytes
 
 
+# batchrenorm.h's kWellCentredBound: a training backward takes the saved mean at its word for
+# channels with |mean * invstd| <= this, and recovers the batch's exact mean elsewhere.
+WELL_CENTRED_BOUND = 16.0
+
+
+def backward_centre(mean: torch.Tensor, invstd: torch.Tensor,
+                    batch_mean: torch.Tensor) -> torch.Tensor:
+    """The per-channel centre of xhat in a training backward given `mean` and `invstd` (the
+    kernels' rule, batchrenorm.h well_centred; NaN is not well centred)."""
+    z = mean.double() * invstd.double()
+    recover = ~(z.abs() <= WELL_CENTRED_BOUND)
+    return torch.where(recover, batch_mean, mean.to(batch_mean.dtype))
+
+
 def tolerance(dtype: torch.dtype) -> Dict[str, float]:
     """Outputs and input gradients of an input of `dtype`."""
     return TOLERANCES[dtype]
