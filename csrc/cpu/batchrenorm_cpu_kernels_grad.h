@@ -169,7 +169,7 @@ void channel_grad_sums(const scalar_t* pg, const scalar_t* pz, const scalar_t* p
         for (int64_t j = 0; j < nvec; ++j) {
           aVec(acc_t(0)).store(acc.data() + 3 * j * V);
           aVec(acc_t(0)).store(acc.data() + (3 * j + 1) * V);
-          aVec(acc_t(0)).store(acc.data() + (3 * j + 2) * V);
+          if constexpr (kCentre) aVec(acc_t(0)).store(acc.data() + (3 * j + 2) * V);
         }
         const auto accumulate_rows = [&](int64_t r, auto rows) {
           constexpr int64_t kRows = decltype(rows)::value;
