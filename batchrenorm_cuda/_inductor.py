@@ -1,5 +1,6 @@
 """What Inductor is told of our backward ops: a layout constraint (grad_output in input's stride
-order), and a rewrite that fuses a ReLU's backward into ours.
+order), a rewrite that fuses a ReLU's backward into ours, and where it may call their out=
+overloads.
 
 The constraint. Why: on the CPU Inductor runs convolutions in channels_last even in an NCHW model,
 but only up to the last convolution; past it, buffers keep the eager (NCHW) strides. So the
@@ -28,9 +29,17 @@ not the user's `post_grad_custom_*_pass` slots): ReLU's backward feeding ours,
 wrote. Only where relu_output is a saved activation (already in memory: the next layer's input) and
 every user of the masked gradient is one of our backwards, so that the rewrite never makes Inductor
 write a tensor it would not have written. The values are the unfused graph's.
+
+The out= overloads. `backward.out` and `backward_relu.out` carry the schema tag `out`, so that
+Inductor (torch 2.13) lowers the functional ops to them and passes output buffers it plans and
+reuses within the graph, where the functional op allocates three new tensors a call (the bytes
+of our output at every call, under glibc's default allocator fresh pages from mmap for large
+ones). Its multi-output out= lowering fails on symbolic sizes (dynamic shapes), so there the
+overloads are hidden from it while it lowers our op, which keeps its functional form.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 
@@ -103,6 +112,7 @@ def register_with_inductor(namespace) -> None:
         # backward(grad_output, input, ...); backward_relu(grad_output, relu_output, input, ...)
         make_fallback(backward, layout_constraint=_layout_constraint((0,), 1), warn=False)
         make_fallback(backward_relu, layout_constraint=_layout_constraint((0, 1), 2), warn=False)
+        _functional_where_sizes_are_symbolic(backward, backward_relu)
     except Exception as e:  # pragma: no cover - depends on Inductor's private API
         _warn_once(f"could not register {backward}'s layout constraint with Inductor "
                    f"({type(e).__name__}: {e})")
@@ -113,6 +123,50 @@ def register_with_inductor(namespace) -> None:
         _warn_once(f"could not register the ReLU backward rewrite with Inductor "
                    f"({type(e).__name__}: {e}); ReLU's backward runs as its own kernel",
                    layouts=False)
+
+
+def _functional_where_sizes_are_symbolic(*ops) -> None:
+    """Inductor lowers our backwards to their out= overloads (tagged `out`), which lets it plan
+    and reuse their output buffers; but its multi-output out= lowering (torch 2.13,
+    ExternKernelMultiOut) fails on symbolic sizes (dynamic shapes, which a smaller last batch
+    turns on). There the overloads are hidden from it while it lowers the op, which then keeps
+    its functional form."""
+    import sympy
+    from torch._inductor import ir
+    from torch._inductor.lowering import lowerings
+
+    try:
+        from torch._library import _out_variant  # noqa: F401
+    except ImportError:  # torch < 2.13: no out= lowering (nor tag) to hide
+        return
+
+    def static(arg) -> bool:
+        return (not isinstance(arg, ir.IRNode)
+                or all(isinstance(s, (int, sympy.Integer)) for s in arg.get_size()))
+
+    for op in ops:
+        handler = lowerings[op]
+
+        def lowering(*args, handler=handler, **kwargs):
+            if all(static(a) for a in args):
+                return handler(*args, **kwargs)
+            with _out_overloads_hidden(ops):
+                return handler(*args, **kwargs)
+
+        lowering._is_fallback_handler = True  # what make_fallback's handler says of itself
+        lowerings[op] = lowering
+
+
+@contextlib.contextmanager
+def _out_overloads_hidden(ops):
+    from torch._library import _out_variant
+
+    find = _out_variant.to_out_variant
+    _out_variant.to_out_variant = lambda op: None if op in ops else find(op)
+    try:
+        yield
+    finally:
+        _out_variant.to_out_variant = find
 
 
 def _register_relu_rewrite() -> None:

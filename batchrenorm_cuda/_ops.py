@@ -141,6 +141,24 @@ def register_fakes(namespace: str) -> None:
                        weight=weight, mean=mean, invstd=invstd, r=r, d=d)
         return _backward_outputs(input, mean, output_mask)
 
+    # The out= overloads (Inductor's lowering of the two above): the checks, and the given
+    # tensors back, as the kernels return them.
+    @torch.library.register_fake(f"{namespace}::backward.out")
+    def _backward_out_fake(grad_output, input, weight, mean, invstd, r, d, train, output_mask,
+                           *, grad_input, grad_weight, grad_bias):
+        _check_devices("backward.out", input, grad_output=grad_output, weight=weight, mean=mean,
+                       invstd=invstd, r=r, d=d, grad_input=grad_input, grad_weight=grad_weight,
+                       grad_bias=grad_bias)
+        return grad_input, grad_weight, grad_bias
+
+    @torch.library.register_fake(f"{namespace}::backward_relu.out")
+    def _backward_relu_out_fake(grad_output, relu_output, input, weight, mean, invstd, r, d,
+                                train, output_mask, *, grad_input, grad_weight, grad_bias):
+        _check_devices("backward_relu.out", input, grad_output=grad_output,
+                       relu_output=relu_output, weight=weight, mean=mean, invstd=invstd, r=r,
+                       d=d, grad_input=grad_input, grad_weight=grad_weight, grad_bias=grad_bias)
+        return grad_input, grad_weight, grad_bias
+
     @torch.library.register_fake(f"{namespace}::batch_stats")
     def _batch_stats_fake(input):
         _check_devices("batch_stats", input)

@@ -5,6 +5,14 @@
 
 #include <torch/library.h>
 
+#include <vector>
+
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
+
 namespace batchrenorm {
 
 inline void define_ops(torch::Library& m) {
@@ -55,6 +63,30 @@ inline void define_ops(torch::Library& m) {
       "backward_relu(Tensor grad_output, Tensor relu_output, Tensor input, Tensor? weight, "
       "Tensor mean, Tensor invstd, Tensor? r, Tensor? d, bool train, bool[3] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?)");
+  // Their out= overloads: the same gradients written into given tensors, for Inductor, which
+  // lowers a functional custom op to the overload tagged `out` whose other arguments match
+  // (torch/_library/_out_variant.py) and passes buffers it plans and reuses, where the
+  // functional op allocates three fresh outputs a call. An output whose mask entry is false is
+  // left as it is. The tensors must have the functional outputs' shapes, dtypes and device;
+  // any strides (those that are not the input's memory format, or that overlap an argument,
+  // are written through a copy).
+  // at::Tag::out and the lowering that reads it came with torch 2.13; before it the overloads
+  // are there, untagged, and Inductor keeps the functional ops.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+  const std::vector<at::Tag> out_tags = {at::Tag::out};
+#else
+  const std::vector<at::Tag> out_tags = {};
+#endif
+  m.def(
+      "backward.out(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor invstd, Tensor? r, Tensor? d, bool train, bool[3] output_mask, *, "
+      "Tensor(a!) grad_input, Tensor(b!) grad_weight, Tensor(c!) grad_bias) "
+      "-> (Tensor(a!), Tensor(b!), Tensor(c!))", out_tags);
+  m.def(
+      "backward_relu.out(Tensor grad_output, Tensor relu_output, Tensor input, Tensor? weight, "
+      "Tensor mean, Tensor invstd, Tensor? r, Tensor? d, bool train, bool[3] output_mask, *, "
+      "Tensor(a!) grad_input, Tensor(b!) grad_weight, Tensor(c!) grad_bias) "
+      "-> (Tensor(a!), Tensor(b!), Tensor(c!))", out_tags);
 
   // The building blocks of the fused ops, for SyncBatchRenorm, which merges statistics across
   // processes between them (as nn.SyncBatchNorm uses batch_norm_stats / _elemt / _reduce):

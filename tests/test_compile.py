@@ -96,6 +96,13 @@ def test_compiled_functional_training_step_matches_eager():
     assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
 
 
+def _overloads(name):
+    """An op's functional overload and its out= one (what Inductor's graphs call, see
+    test_compiled_backward_calls_the_out_overloads)."""
+    packet = getattr(torch.ops.batchrenorm, name)
+    return (packet.default, packet.out)
+
+
 def _compiled_code(net, x):
     """Inductor's output code for a training step of net: (forward, backward)."""
     from torch._inductor import config as inductor_config
@@ -219,7 +226,7 @@ def test_compiled_backward_gets_grad_output_in_input_layout():
 
     class RecordBackward(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.batchrenorm.backward.default:
+            if func in _overloads("backward"):
                 seen.append(args[:2])
             return func(*args, **(kwargs or {}))
 
@@ -343,10 +350,9 @@ def test_compiled_relu_backward_is_fused_where_it_saves_a_pass(make, n_fused, n_
 
     class RecordBackwards(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.batchrenorm.backward.default,
-                        torch.ops.batchrenorm.backward_relu.default):
-                calls.append(func)
-            if func is torch.ops.batchrenorm.backward_relu.default:
+            if func in _overloads("backward") + _overloads("backward_relu"):
+                calls.append(func._opname)
+            if func in _overloads("backward_relu"):
                 grad_output, relu_output, input = args[:3]
                 assert grad_output.stride() == relu_output.stride() == input.stride()
             return func(*args, **(kwargs or {}))
@@ -362,8 +368,8 @@ def test_compiled_relu_backward_is_fused_where_it_saves_a_pass(make, n_fused, n_
         with RecordBackwards():
             loss.backward()
     assert user_pass_runs, "the user's post-grad pass did not run"
-    assert calls.count(torch.ops.batchrenorm.backward_relu.default) == n_fused, calls
-    assert calls.count(torch.ops.batchrenorm.backward.default) == n_plain, calls
+    assert calls.count("backward_relu") == n_fused, calls
+    assert calls.count("backward") == n_plain, calls
     twin(x).square().sum().backward()
     for (n, p), (_, q) in zip(net.named_parameters(), twin.named_parameters()):
         assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)
@@ -397,3 +403,30 @@ def test_relu_rewrite_needs_every_tensor_in_input_shape(grad_shape, fused):
     assert (ops.backward_relu.default in targets) == fused
     assert (ops.backward.default in targets) != fused
     assert (aten.where.self in targets) != fused
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_backward_calls_the_out_overloads(dynamic):
+    """Inductor calls our backwards' out= overloads with buffers it plans, where shapes are
+    static; with symbolic sizes the functional ops (_inductor.py: its out= lowering fails on
+    them); eager's gradients either way."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    # One backward fused with its ReLU's (the next convolution keeps the ReLU output), one
+    # plain (nothing keeps the last ReLU's output).
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), brn.BatchRenorm2d(8, **SCHEDULE),
+                        nn.ReLU(), nn.Conv2d(8, 8, 3), brn.BatchRenorm2d(8, **SCHEDULE),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    twin = copy.deepcopy(net)
+    x = torch.randn(3, 4, 6, 6)
+    with inductor_config.patch(force_disable_caches=True):
+        compiled = torch.compile(net, backend="inductor", fullgraph=True, dynamic=dynamic)
+        _, (_, backward) = run_and_get_code(lambda: compiled(x).square().sum().backward())
+    for name in ("backward_relu", "backward"):
+        assert (f"batchrenorm.{name}.out(" in backward) != dynamic, backward
+        assert (f"batchrenorm.{name}.default(" in backward) == dynamic, backward
+    twin(x).square().sum().backward()
+    for (n, p), (_, q) in zip(net.named_parameters(), twin.named_parameters()):
+        assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)

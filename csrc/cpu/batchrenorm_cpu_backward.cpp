@@ -90,14 +90,13 @@ inline bool fused_grad_applies(const Geometry& g, bool train) {
   return train && !g.rows && count > 0 && count <= kFusedGradMaxValues && g.C >= 8;
 }
 
-using OptTensor = std::optional<Tensor>;
-
-// backward and backward_relu: relu_output undefined, or the ReLU output that masks grad_output.
-std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
+// backward and backward_relu: relu_output undefined, or the ReLU output that masks grad_output;
+// the gradients go where `into` says (their out= overloads) or into new tensors.
+BackwardResult backward_impl(
     const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
     const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
     const std::optional<Tensor>& r, const std::optional<Tensor>& d, bool train,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const BackwardOutputs& into = {}) {
   InputLayout g;
   const Tensor x = canonical(input, &g);
   const Tensor dy = match_layout(grad_output, g);
@@ -106,9 +105,9 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
   const double count = static_cast<double>(g.count());
   const bool need_sums = output_mask[1] || output_mask[2] || (output_mask[0] && train);
   Tensor grad_input, grad_weight, grad_bias;
-  if (output_mask[0]) grad_input = empty_output(input, g);
-  if (output_mask[1]) grad_weight = per_channel_empty(input);
-  if (output_mask[2]) grad_bias = per_channel_empty(input);
+  if (output_mask[0]) grad_input = output_into(into.grad_input, input, g);
+  if (output_mask[1]) grad_weight = per_channel_into(into.grad_weight, input);
+  if (output_mask[2]) grad_bias = per_channel_into(into.grad_bias, input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchrenorm_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -162,27 +161,58 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
   return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
 }
 
-std::tuple<OptTensor, OptTensor, OptTensor> backward(const Tensor& grad_output, const Tensor& input,
-                                            const std::optional<Tensor>& weight,
-                                            const Tensor& mean, const Tensor& invstd,
-                                            const std::optional<Tensor>& r,
-                                            const std::optional<Tensor>& d, bool train,
-                                            std::array<bool, 3> output_mask) {
+BackwardResult backward(const Tensor& grad_output, const Tensor& input,
+                        const std::optional<Tensor>& weight, const Tensor& mean,
+                        const Tensor& invstd, const std::optional<Tensor>& r,
+                        const std::optional<Tensor>& d, bool train,
+                        std::array<bool, 3> output_mask) {
   check_backward("batchrenorm::backward", grad_output, input, kDevice, weight, mean, invstd, r,
                  d);
   return backward_impl(grad_output, Tensor(), input, weight, mean, invstd, r, d, train,
                        output_mask);
 }
 
-std::tuple<OptTensor, OptTensor, OptTensor> backward_relu(
-    const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
-    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
-    const std::optional<Tensor>& r, const std::optional<Tensor>& d, bool train,
-    std::array<bool, 3> output_mask) {
+BackwardResult backward_relu(const Tensor& grad_output, const Tensor& relu_output,
+                             const Tensor& input, const std::optional<Tensor>& weight,
+                             const Tensor& mean, const Tensor& invstd,
+                             const std::optional<Tensor>& r, const std::optional<Tensor>& d,
+                             bool train, std::array<bool, 3> output_mask) {
   check_backward_relu("batchrenorm::backward_relu", grad_output, relu_output, input, kDevice,
                       weight, mean, invstd, r, d);
   return backward_impl(grad_output, relu_output, input, weight, mean, invstd, r, d, train,
                        output_mask);
+}
+
+std::tuple<Tensor&, Tensor&, Tensor&> backward_out(
+    const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& weight,
+    const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& r,
+    const std::optional<Tensor>& d, bool train, std::array<bool, 3> output_mask,
+    Tensor& grad_input, Tensor& grad_weight, Tensor& grad_bias) {
+  constexpr const char* op = "batchrenorm::backward.out";
+  check_backward(op, grad_output, input, kDevice, weight, mean, invstd, r, d);
+  return batchrenorm::backward_out(
+      op, input, output_mask, {grad_output, input, weight.value_or(Tensor()), mean, invstd,
+                               r.value_or(Tensor()), d.value_or(Tensor())},
+      grad_input, grad_weight, grad_bias, [&](const BackwardOutputs& into) {
+        return backward_impl(grad_output, Tensor(), input, weight, mean, invstd, r, d, train,
+                             output_mask, into);
+      });
+}
+
+std::tuple<Tensor&, Tensor&, Tensor&> backward_relu_out(
+    const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
+    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+    const std::optional<Tensor>& r, const std::optional<Tensor>& d, bool train,
+    std::array<bool, 3> output_mask, Tensor& grad_input, Tensor& grad_weight, Tensor& grad_bias) {
+  constexpr const char* op = "batchrenorm::backward_relu.out";
+  check_backward_relu(op, grad_output, relu_output, input, kDevice, weight, mean, invstd, r, d);
+  return batchrenorm::backward_out(
+      op, input, output_mask, {grad_output, relu_output, input, weight.value_or(Tensor()), mean,
+                               invstd, r.value_or(Tensor()), d.value_or(Tensor())},
+      grad_input, grad_weight, grad_bias, [&](const BackwardOutputs& into) {
+        return backward_impl(grad_output, relu_output, input, weight, mean, invstd, r, d, train,
+                             output_mask, into);
+      });
 }
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& grad_output, const Tensor& input,
@@ -242,6 +272,8 @@ Tensor backward_input(const Tensor& grad_output, const Tensor& input, const Tens
 TORCH_LIBRARY_IMPL(batchrenorm, CPU, m) {
   m.impl("backward", &batchrenorm::cpu::backward);
   m.impl("backward_relu", &batchrenorm::cpu::backward_relu);
+  m.impl("backward.out", &batchrenorm::cpu::backward_out);
+  m.impl("backward_relu.out", &batchrenorm::cpu::backward_relu_out);
   m.impl("backward_reduce", &batchrenorm::cpu::backward_reduce);
   m.impl("backward_input", &batchrenorm::cpu::backward_input);
 }

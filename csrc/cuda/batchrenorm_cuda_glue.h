@@ -191,24 +191,60 @@ struct Glue {
                          output_mask);
   }
 
-  // relu_output: undefined, or the ReLU output that masks grad_output (backward_relu).
+  // The out= overloads: the checks, then backward_impl writing into the given tensors.
+  static std::tuple<Tensor&, Tensor&, Tensor&> backward_out(
+      const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& mean,
+      const Tensor& invstd, const OptTensor& r, const OptTensor& d, bool train,
+      std::array<bool, 3> output_mask, Tensor& grad_input, Tensor& grad_weight,
+      Tensor& grad_bias) {
+    constexpr const char* op = "batchrenorm::backward.out";
+    check_backward(op, grad_output, input, RT::kDevice, weight, mean, invstd, r, d);
+    return batchrenorm::backward_out(
+        op, input, output_mask, {grad_output, input, weight.value_or(Tensor()), mean, invstd,
+                                 r.value_or(Tensor()), d.value_or(Tensor())},
+        grad_input, grad_weight, grad_bias, [&](const BackwardOutputs& into) {
+          return backward_impl(op, grad_output, Tensor(), input, weight, mean, invstd, r, d,
+                               train, output_mask, into);
+        });
+  }
+
+  static std::tuple<Tensor&, Tensor&, Tensor&> backward_relu_out(
+      const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
+      const OptTensor& weight, const Tensor& mean, const Tensor& invstd, const OptTensor& r,
+      const OptTensor& d, bool train, std::array<bool, 3> output_mask, Tensor& grad_input,
+      Tensor& grad_weight, Tensor& grad_bias) {
+    constexpr const char* op = "batchrenorm::backward_relu.out";
+    check_backward_relu(op, grad_output, relu_output, input, RT::kDevice, weight, mean, invstd,
+                        r, d);
+    return batchrenorm::backward_out(
+        op, input, output_mask, {grad_output, relu_output, input, weight.value_or(Tensor()),
+                                 mean, invstd, r.value_or(Tensor()), d.value_or(Tensor())},
+        grad_input, grad_weight, grad_bias, [&](const BackwardOutputs& into) {
+          return backward_impl(op, grad_output, relu_output, input, weight, mean, invstd, r, d,
+                               train, output_mask, into);
+        });
+  }
+
+  // relu_output: undefined, or the ReLU output that masks grad_output (backward_relu); the
+  // gradients go where `into` says (the out= overloads) or into new tensors.
   static std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
       const char* op, const Tensor& grad_output, const Tensor& relu_output, const Tensor& input,
       const OptTensor& weight, const Tensor& mean, const Tensor& invstd, const OptTensor& r,
-      const OptTensor& d, bool train, std::array<bool, 3> output_mask) {
+      const OptTensor& d, bool train, std::array<bool, 3> output_mask,
+      const BackwardOutputs& into = {}) {
     const typename RT::Guard guard(input.device());
     InputLayout g;
     const Tensor x = canonical(input, &g);
     Tensor grad_input, grad_weight, grad_bias;
-    if (output_mask[0]) grad_input = empty_output(input, g);
+    if (output_mask[0]) grad_input = output_into(into.grad_input, input, g);
+    if (output_mask[1]) grad_weight = per_channel_into(into.grad_weight, input);
+    if (output_mask[2]) grad_bias = per_channel_into(into.grad_bias, input);
     if (input.numel() == 0) {
       // Sums over no values.
-      if (output_mask[1]) grad_weight = at::zeros({input.size(1)}, mean.options());
-      if (output_mask[2]) grad_bias = at::zeros({input.size(1)}, mean.options());
+      if (output_mask[1]) grad_weight.zero_();
+      if (output_mask[2]) grad_bias.zero_();
       return {optional(grad_input), optional(grad_weight), optional(grad_bias)};
     }
-    if (output_mask[1]) grad_weight = per_channel_empty(input);
-    if (output_mask[2]) grad_bias = per_channel_empty(input);
     const Tensor dy = match_layout(grad_output, g);
     const Tensor z = relu_output.defined() ? match_layout(relu_output, g) : Tensor();
     Tensor w, rk, dk;
@@ -377,6 +413,8 @@ void register_kernels(torch::Library& m) {
   m.impl("forward_eval", &Glue<RT>::forward_eval);
   m.impl("backward", &Glue<RT>::backward);
   m.impl("backward_relu", &Glue<RT>::backward_relu);
+  m.impl("backward.out", &Glue<RT>::backward_out);
+  m.impl("backward_relu.out", &Glue<RT>::backward_relu_out);
   m.impl("batch_stats", &Glue<RT>::batch_stats);
   m.impl("normalize", &Glue<RT>::normalize);
   m.impl("backward_reduce", &Glue<RT>::backward_reduce);
