@@ -70,7 +70,7 @@ def _module_forward(module: "_BatchRenorm", input: Tensor) -> Tensor:
     """The body of _BatchRenorm.forward. A wrapped function so that torch.fx.symbolic_trace
     records one call taking the module (the checks branch on the input's shape, which a tracer
     cannot follow), and the traced graph still reads the module's training flag when it runs."""
-    caller = type(module).__name__
+    caller = module._caller
     momentum, eps, r_max, d_max = module.momentum, module.eps, module.r_max, module.d_max
     backend = module.backend
     _check_module_input(caller, module._expected_ranks, module._shape_name, module.num_features,
@@ -118,6 +118,13 @@ _SCHEDULE_KEY = "batchrenorm_schedule"
 class _BatchRenorm(_NormBase):
     _expected_ranks: Tuple[int, ...] = ()
     _shape_name = ""
+    # The class's name, for messages: a class attribute that torch.compile guards in C++, where
+    # type(module).__name__ in the forward cost a Python guard `type(a) is type(b)` per layer.
+    _caller = "_BatchRenorm"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._caller = cls.__name__
 
     def __init__(
         self,
