@@ -14,6 +14,17 @@ from conftest import requires_cpu_kernels
 
 pytestmark = requires_cpu_kernels
 
+@pytest.fixture(autouse=True)
+def fused_backward(monkeypatch):
+    """The compiled backward on our fused kernel for every layer, which these tests were
+    written for; small CPU layers otherwise get a generated one (_compiled.py), which
+    test_compiled_training_matches_the_reference and test_small_layers_get_a_generated_backward
+    cover."""
+    from batchrenorm_cuda import _compiled
+
+    monkeypatch.setattr(_compiled, "GENERATED_BACKWARD_MAX_NUMEL", 0)
+
+
 SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
 
 
@@ -142,6 +153,31 @@ def test_compiled_training_is_fused_and_recomputed_as_batchnorm_is(monkeypatch):
     assert "torch.bool" in opaque_forward
 
 
+@pytest.mark.parametrize("shape,generated", [((2, 8, 16, 16), True), ((2, 8, 64, 80), False)],
+                         ids=["small", "large"])
+def test_small_layers_get_a_generated_backward(shape, generated, monkeypatch):
+    """With the default threshold, a layer of at most GENERATED_BACKWARD_MAX_NUMEL elements gets
+    its compiled backward from Inductor (no call of ours in the backward graph), a larger one
+    our kernel; both give eager's gradients."""
+    from batchrenorm_cuda import _compiled
+
+    monkeypatch.undo()  # the module's default threshold, not the fused_backward fixture's
+    assert (shape[0] * shape[1] * shape[2] * shape[3]
+            <= _compiled.GENERATED_BACKWARD_MAX_NUMEL) == generated
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                        brn.BatchRenorm2d(8, **SCHEDULE), nn.ReLU())
+    x = torch.randn(shape[0], 3, *shape[2:])
+    _, backward = _compiled_code(copy.deepcopy(net), x)
+    assert ("batchrenorm.backward" not in backward) == generated
+    eager = copy.deepcopy(net)
+    eager(x).square().mean().backward()
+    compiled = copy.deepcopy(net)
+    torch.compile(compiled, backend="inductor", fullgraph=True)(x).square().mean().backward()
+    for (n, pe), (_, pc) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert_close(pc.grad, pe.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
 # (dtype, shape, layout, affine, running statistics, momentum): each dtype, rank and layout the
 # fused path takes, affine and running statistics off once each, the cumulative average once.
 TRACED_CASES = [
@@ -154,15 +190,20 @@ TRACED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backward", ["fused", "generated"])
 @pytest.mark.parametrize("dtype,shape,layout,affine,running,momentum", TRACED_CASES)
 def test_compiled_training_matches_the_reference(dtype, shape, layout, affine, running,
-                                                 momentum):
+                                                 momentum, backward, monkeypatch):
     """Outputs, the three gradients, the buffers and the counter of compiled training steps
-    (the traced forward and the fused backward) against the reference, over a schedule whose
-    bounds move and clip, with a non-finite channel in the last step (NaN for that channel,
-    its buffers kept)."""
+    (the traced forward, and the fused or the generated backward) against the reference, over
+    a schedule whose bounds move and clip, with a non-finite channel in the last step (NaN for
+    that channel, its buffers kept)."""
+    from batchrenorm_cuda import _compiled
     from batchrenorm_cuda._testing import grad_tolerance, make_params, tolerance
     from batchrenorm_cuda.functional import batch_renorm_scheduled
+
+    if backward == "generated":
+        monkeypatch.setattr(_compiled, "GENERATED_BACKWARD_MAX_NUMEL", 1 << 40)
 
     C = shape[1]
     weight, bias, running_mean, running_var = make_params(C, dtype)
