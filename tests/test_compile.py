@@ -19,9 +19,11 @@ def fused_backward(monkeypatch):
     """The compiled backward on our fused kernel for every layer, which these tests were
     written for; small CPU layers otherwise get a generated one (_compiled.py), which
     test_compiled_training_matches_the_reference and test_small_layers_get_a_generated_backward
-    cover."""
+    cover. Dynamo's caches are reset first: the parametrised tests compile the same function
+    once a case, more times in one process than Dynamo's recompile limit (8) allows."""
     from batchrenorm_cuda import _compiled
 
+    torch._dynamo.reset()
     monkeypatch.setattr(_compiled, "GENERATED_BACKWARD_MAX_NUMEL", 0)
 
 
