@@ -62,13 +62,11 @@ class _Renormalize(torch.autograd.Function):
         input, weight, mean, invstd, r_d = ctx.saved_tensors
         r, d = r_d.unbind(0)
         needs = ctx.needs_input_grad
+        mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
         if _generates_backward(input):
-            grads = _generated_backward(grad_output, input, weight, mean, invstd, r, d,
-                                        ctx.has_bias, needs)
+            grads = _generated_backward(grad_output, input, weight, mean, invstd, r, d, mask)
         else:
-            grads = _ops.OPS.backward(
-                grad_output, input, weight, mean, invstd, r, d, True,
-                [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]])
+            grads = _ops.OPS.backward(grad_output, input, weight, mean, invstd, r, d, True, mask)
         return (*grads, None, None, None)
 
 
@@ -80,9 +78,10 @@ def _generates_backward(input: Tensor) -> bool:
 
 
 def _generated_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
-                        mean: Tensor, invstd: Tensor, r: Tensor, d: Tensor, has_bias: bool,
-                        needs) -> tuple:
-    """(grad_input, grad_weight, grad_bias) as aten ops, in the statistics' dtype:
+                        mean: Tensor, invstd: Tensor, r: Tensor, d: Tensor,
+                        output_mask) -> tuple:
+    """(grad_input, grad_weight, grad_bias) as aten ops, in the statistics' dtype, each where
+    output_mask (the fused op's) asks for it:
     dx = weight * r * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)),
     grad_weight = r * sum(dy * xhat) + d * sum(dy), grad_bias = sum(dy)."""
     shape, dims = channel_shape(input), reduce_dims(input)
@@ -91,14 +90,14 @@ def _generated_backward(grad_output: Tensor, input: Tensor, weight: Optional[Ten
     xhat = (input.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
     sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
     grad_input = grad_weight = grad_bias = None
-    if needs[0]:
+    if output_mask[0]:
         scale = invstd * r if weight is None else invstd * r * weight
         grad_input = (scale.view(shape) * (dy - (sum_dy / count).view(shape)
                                            - xhat * (sum_dy_xhat / count).view(shape)))
         grad_input = grad_input.to(input.dtype)
-    if weight is not None and needs[1]:
+    if output_mask[1]:
         grad_weight = r * sum_dy_xhat + d * sum_dy
-    if has_bias and needs[2]:
+    if output_mask[2]:
         grad_bias = sum_dy
     return grad_input, grad_weight, grad_bias
 
