@@ -1,6 +1,6 @@
 """What Inductor is told of our backward ops: a layout constraint (grad_output in input's stride
-order), a rewrite that fuses a ReLU's backward into ours, and where it may call their out=
-overloads.
+order), two rewrites (a ReLU's backward fused into ours; a preceding bias's gradient, exactly
+zero, not summed), and where it may call their out= overloads.
 
 The constraint. Why: on the CPU Inductor runs convolutions in channels_last even in an NCHW model,
 but only up to the last convolution; past it, buffers keep the eager (NCHW) strides. So the
@@ -30,6 +30,15 @@ wrote. Only where relu_output is a saved activation (already in memory: the next
 every user of the masked gradient is one of our backwards, so that the rewrite never makes Inductor
 write a tensor it would not have written. The values are the unfused graph's.
 
+The second rewrite: the gradient of a per-channel shift before our layer (a Linear's bias, x + b)
+is sum(grad_input) over every dim but the channels', and in training that sum is exactly 0 (the
+batch mean absorbs the shift; r and d are constants of the gradient). Inductor cannot know it and
+reads the whole grad_input once more to sum it, each step: 1 MB a layer of the CrossQ critic's
+(512, 512). A later pass replaces the sum by zeros computed from per-channel values, NaN where the
+sum would be NaN (_rewrite_shift_sum says how), for our training backwards only, only sums over
+exactly those dims, and only where grad_input has another user. The kernels' sum was that zero's
+rounding error (~1e-8); nn.BatchNorm's compiled one is too.
+
 The out= overloads. `backward.out` and `backward_relu.out` carry the schema tag `out`, so that
 Inductor (torch 2.13) lowers the functional ops to them and passes output buffers it plans and
 reuses within the graph, where the functional op allocates three new tensors a call (the bytes
@@ -40,15 +49,18 @@ overloads are hidden from it while it lowers our op, which keeps its functional 
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import warnings
 
 import torch
 
-# Namespaces registered; backward -> backward_relu of each; whether the rewrite is registered.
+# Namespaces registered; backward -> backward_relu of each; both of each; whether the rewrites
+# are registered.
 _REGISTERED: set = set()
 _FUSED_RELU: dict = {}
-_REWRITE_REGISTERED = False
+_BACKWARDS: set = set()
+_REWRITES_REGISTERED = False
 
 
 def _layout_constraint(constrained: tuple, input_index: int):
@@ -117,12 +129,13 @@ def register_with_inductor(namespace) -> None:
         _warn_once(f"could not register {backward}'s layout constraint with Inductor "
                    f"({type(e).__name__}: {e})")
     _FUSED_RELU[backward] = backward_relu
+    _BACKWARDS.update((backward, backward_relu))
     try:
-        _register_relu_rewrite()
+        _register_rewrites()
     except Exception as e:  # pragma: no cover - depends on Inductor's private API
-        _warn_once(f"could not register the ReLU backward rewrite with Inductor "
-                   f"({type(e).__name__}: {e}); ReLU's backward runs as its own kernel",
-                   layouts=False)
+        _warn_once(f"could not register the backward rewrites with Inductor "
+                   f"({type(e).__name__}: {e}); ReLU's backward and a preceding bias's "
+                   "gradient run as their own kernels", layouts=False)
 
 
 def _functional_where_sizes_are_symbolic(*ops) -> None:
@@ -169,9 +182,9 @@ def _out_overloads_hidden(ops):
         _out_variant.to_out_variant = find
 
 
-def _register_relu_rewrite() -> None:
-    global _REWRITE_REGISTERED
-    if _REWRITE_REGISTERED:
+def _register_rewrites() -> None:
+    global _REWRITES_REGISTERED
+    if _REWRITES_REGISTERED:
         return
     from torch._inductor.fx_passes.post_grad import pass_patterns
     from torch._inductor.pattern_matcher import (MULTIPLE, CallFunction, KeywordArg,
@@ -184,7 +197,13 @@ def _register_relu_rewrite() -> None:
                                         _users=MULTIPLE),
                            KeywordArg("zero"), KeywordArg("grad"))
     register_graph_pattern(pattern, pass_dict=pass_patterns[0])(_fuse_relu_backward)
-    _REWRITE_REGISTERED = True
+    # A Linear's bias gradient, sum(grad, [0], keepdim=True), with and without keepdim given;
+    # in the next pass, so that it sees the ReLU rewrite's ops.
+    for args in ((KeywordArg("grad_input"), KeywordArg("dims")),
+                 (KeywordArg("grad_input"), KeywordArg("dims"), KeywordArg("keepdim"))):
+        register_graph_pattern(CallFunction(aten.sum.dim_IntList, *args),
+                               pass_dict=pass_patterns[1])(_zero_shift_gradient)
+    _REWRITES_REGISTERED = True
 
 
 def _is_zero(value) -> bool:
@@ -231,3 +250,60 @@ def _rewrite(where, relu_output, zero, grad) -> None:
     graph.erase_node(where)
     if not le.users:
         graph.erase_node(le)
+
+
+def _zero_shift_gradient(match, grad_input, dims, keepdim=False) -> None:
+    try:
+        _rewrite_shift_sum(match, match.output_node(), keepdim)
+    except Exception as e:  # pragma: no cover - depends on Inductor's private API
+        _warn_once(f"the bias gradient rewrite failed ({type(e).__name__}: {e}); the sum "
+                   "runs as its own kernel", layouts=False)
+
+
+def _rewrite_shift_sum(match, total, keepdim) -> None:
+    """sum(grad_input, every dim but the channels') -> zeros carrying the NaNs of the
+    gradient's inputs, where grad_input is our training backward's, for a per-channel shift
+    before the layer (a Linear's bias: its gradient is that sum)."""
+    grad_input = total.args[0]
+    # grad_input must have another user: one left unused makes Inductor's out= lowering of our
+    # op (torch 2.13) pass a buffer it never allocated.
+    if (total.kwargs or not isinstance(grad_input, torch.fx.Node)
+            or grad_input.target is not operator.getitem or grad_input.args[1] != 0
+            or len(grad_input.users) < 2):
+        return
+    op = grad_input.args[0]
+    if op.kwargs or op.target not in _BACKWARDS:
+        return
+    # backward(grad_output, input, weight, mean, invstd, r, d, train, output_mask);
+    # backward_relu has relu_output second.
+    weight, mean, invstd, r, d, train, mask = op.args[len(op.args) - 7:]
+    rank = grad_input.meta["val"].dim()
+    reduced = sorted(dim % rank for dim in total.args[1]) if rank >= 2 else None
+    if train is not True or not mask[1] or reduced != [0] + list(range(2, rank)):
+        return
+    grad_weight = next((u for u in op.users
+                        if u.target is operator.getitem and u.args[1] == 1), None)
+    if grad_weight is None:
+        return
+    dtype = total.meta["val"].dtype
+    view = [1] * rank
+    view[1] = -1
+
+    def zeros(grad_weight, *factors):
+        # In training the layer's output does not change when a constant is added to a channel
+        # of its input: xhat = (x - mean_B) / sigma_B absorbs it, and r and d are constants of
+        # the gradient. So this sum is exactly 0 (summing the kernel's grad_input gives its
+        # rounding error). 0 * a term is 0 while the term is finite and NaN where it is not, so
+        # the zeros are NaN where grad_input is: grad_input = weight * r * invstd * (dy -
+        # mean(dy) - xhat * mean(dy * xhat)), and a NaN or inf in dy or xhat makes
+        # grad_weight = r * sum(dy * xhat) + d * sum(dy) NaN. (A NaN running_mean alone, which
+        # only d reads, gives NaN here where the sum would be 0: the layer's grad_weight is NaN
+        # then too.)
+        scale = factors[0]
+        for factor in factors[1:]:
+            scale = scale * factor
+        z = (grad_weight * 0 + scale * 0).to(dtype)
+        return z.view(view) if keepdim else z
+
+    factors = [t for t in (invstd, weight, r) if t is not None]
+    match.replace_by_example(zeros, [grad_weight, *factors])
