@@ -16,7 +16,8 @@ from conftest import requires_cpu_kernels
 pytestmark = requires_cpu_kernels
 
 SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
-TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-9, rtol=1e-9)}
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-9, rtol=1e-9),
+             torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +75,7 @@ def _train(net, x, steps=3, train=True):
     return dict(net.named_parameters()), dict(twin.named_parameters()), left
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 def test_linear_bias_before_a_layer_gets_an_exact_zero_gradient(dtype, relu):
     torch.manual_seed(0)
@@ -87,8 +88,8 @@ def test_linear_bias_before_a_layer_gets_an_exact_zero_gradient(dtype, relu):
         assert_close(compiled[name].grad, eager[name].grad, **TOLERANCE[dtype], msg=name)
     for name in ("0.bias", "3.bias") if relu else ("0.bias",):
         assert torch.equal(compiled[name].grad, torch.zeros_like(compiled[name].grad)), name
-        # eager's is the kernel's rounding error: small, and not what this test is about
-        assert eager[name].grad.abs().max() < 1e-4, name
+        # eager's is the kernel's rounding error (8e-4 in bfloat16): small, not what this is about
+        assert eager[name].grad.abs().max() < TOLERANCE[dtype]["atol"], name
 
 
 def test_zero_gradient_is_nan_where_the_sum_is():
