@@ -276,7 +276,7 @@ def _rewrite_shift_sum(match, total, keepdim) -> None:
         return
     # backward(grad_output, input, weight, mean, invstd, r, d, train, output_mask);
     # backward_relu has relu_output second.
-    weight, mean, invstd, r, d, train, mask = op.args[len(op.args) - 7:]
+    weight, _mean, invstd, r, _d, train, mask = op.args[-7:]
     rank = grad_input.meta["val"].dim()
     reduced = sorted(dim % rank for dim in total.args[1]) if rank >= 2 else None
     if train is not True or not mask[1] or reduced != [0] + list(range(2, rank)):

@@ -12,19 +12,10 @@ import batchrenorm_cuda as brn
 
 from conftest import requires_cpu_kernels
 
-pytestmark = requires_cpu_kernels
-
-@pytest.fixture(autouse=True)
-def fused_backward(monkeypatch):
-    """The compiled backward on our fused kernel for every layer, which these tests were
-    written for; small CPU layers otherwise get a generated one (_compiled.py), which
-    test_compiled_training_matches_the_reference and test_small_layers_get_a_generated_backward
-    cover. Dynamo's caches are reset first: the parametrised tests compile the same function
-    once a case, more times in one process than Dynamo's recompile limit (8) allows."""
-    from batchrenorm_cuda import _compiled
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(_compiled, "GENERATED_BACKWARD_MAX_NUMEL", 0)
+# The compiled backward on our fused kernel for every layer, which these tests were written
+# for; test_compiled_training_matches_the_reference and test_small_layers_get_a_generated_backward
+# cover the generated one.
+pytestmark = [requires_cpu_kernels, pytest.mark.usefixtures("fused_backward")]
 
 
 SCHEDULE = dict(r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_steps=2, d_max_ramp_steps=2)
