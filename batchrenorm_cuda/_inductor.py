@@ -49,17 +49,16 @@ overloads are hidden from it while it lowers our op, which keeps its functional 
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import sys
 import warnings
 
 import torch
 
-# Namespaces registered; backward -> backward_relu of each; both of each; whether the rewrites
-# are registered.
+# Namespaces registered; backward -> backward_relu of each; whether the rewrites are registered.
 _REGISTERED: set = set()
 _FUSED_RELU: dict = {}
-_BACKWARDS: set = set()
 _REWRITES_REGISTERED = False
 
 
@@ -129,7 +128,6 @@ def register_with_inductor(namespace) -> None:
         _warn_once(f"could not register {backward}'s layout constraint with Inductor "
                    f"({type(e).__name__}: {e})")
     _FUSED_RELU[backward] = backward_relu
-    _BACKWARDS.update((backward, backward_relu))
     try:
         _register_rewrites()
     except Exception as e:  # pragma: no cover - depends on Inductor's private API
@@ -272,7 +270,7 @@ def _rewrite_shift_sum(match, total, keepdim) -> None:
             or len(grad_input.users) < 2):
         return
     op = grad_input.args[0]
-    if op.kwargs or op.target not in _BACKWARDS:
+    if op.kwargs or (op.target not in _FUSED_RELU and op.target not in _FUSED_RELU.values()):
         return
     # backward(grad_output, input, weight, mean, invstd, r, d, train, output_mask);
     # backward_relu has relu_output second.
@@ -299,10 +297,7 @@ def _rewrite_shift_sum(match, total, keepdim) -> None:
         # grad_weight = r * sum(dy * xhat) + d * sum(dy) NaN. (A NaN running_mean alone, which
         # only d reads, gives NaN here where the sum would be 0: the layer's grad_weight is NaN
         # then too.)
-        scale = factors[0]
-        for factor in factors[1:]:
-            scale = scale * factor
-        z = (grad_weight * 0 + scale * 0).to(dtype)
+        z = (grad_weight * 0 + functools.reduce(operator.mul, factors) * 0).to(dtype)
         return z.view(view) if keepdim else z
 
     factors = [t for t in (invstd, weight, r) if t is not None]
