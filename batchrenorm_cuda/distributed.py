@@ -171,8 +171,8 @@ class SyncBatchRenormFunction(torch.autograd.Function):
         sigma_b = torch.sqrt(var + eps)
         invstd = 1.0 / sigma_b
         if running_mean is not None:
-            bounds = reference.clip_bounds_as(sdt, num_batches_tracked, r_max, d_max,
-                                              warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
+            bounds = reference.clip_bounds(num_batches_tracked, r_max, d_max, warmup_steps,
+                                           r_max_ramp_steps, d_max_ramp_steps, sdt)
             r, d = reference.corrections(sigma_b, mean - running_mean, running_var, eps, *bounds)
             # The unbiased running_var uses the GLOBAL count. One value per channel in the
             # whole batch (BatchRenorm raises, which would need a host read here) would make
@@ -344,7 +344,8 @@ class SyncBatchRenorm(_BatchRenorm):
             self.num_batches_tracked if tracking else None, self.momentum, self.eps,
             self.r_max, self.d_max, self.warmup_steps, self.r_max_ramp_steps,
             self.d_max_ramp_steps, group, world_size, use_fused(input, self.backend, caller))
-        store_back()
+        if store_back is not None:
+            store_back()
         return output
 
 

@@ -73,8 +73,7 @@ def _module_forward(module: "_BatchRenorm", input: Tensor) -> Tensor:
     caller = module._caller
     momentum, eps, r_max, d_max = module.momentum, module.eps, module.r_max, module.d_max
     backend = module.backend
-    _check_module_input(caller, module._expected_ranks, module._shape_name, module.num_features,
-                        input)
+    _check_module_input(module, input)
     weight, bias, running_mean, running_var, store_back = in_float32(module)
     if module.training and module.track_running_stats:
         output = batch_renorm_scheduled(
@@ -82,7 +81,8 @@ def _module_forward(module: "_BatchRenorm", input: Tensor) -> Tensor:
             num_batches_tracked=module.num_batches_tracked, warmup_steps=module.warmup_steps,
             r_max_ramp_steps=module.r_max_ramp_steps, d_max_ramp_steps=module.d_max_ramp_steps,
             backend=backend, caller=caller)
-        store_back()
+        if store_back is not None:
+            store_back()
         return output
     # As nn.BatchNorm: without running statistics, normalise with the batch's own in eval too;
     # with them, eval is plain inference.
@@ -91,16 +91,18 @@ def _module_forward(module: "_BatchRenorm", input: Tensor) -> Tensor:
                          momentum, eps, r_max, d_max, backend=backend, caller=caller)
 
 
-def _check_module_input(caller: str, ranks, shape_name: str, num_features: int,
-                        input: Tensor) -> None:
+def _check_module_input(module: "_BatchRenorm", input: Tensor) -> None:
+    # The messages' names are read only when raising: under torch.compile each attribute read
+    # on the way is a guard on every compiled step, per layer.
     if not isinstance(input, Tensor):
-        raise TypeError(f"{caller}: input must be a Tensor, got {type(input).__name__}")
+        raise TypeError(f"{module._caller}: input must be a Tensor, got {type(input).__name__}")
+    ranks = module._expected_ranks
     if ranks and input.dim() not in ranks:  # SyncBatchRenorm (no ranks) checks rank >= 2
         got = f"{input.dim()}D input of shape {tuple(input.shape)}"
-        raise ValueError(f"{caller}: expected {shape_name} input, got {got}")
-    if input.shape[1] != num_features:
-        raise ValueError(f"{caller}: input has {input.shape[1]} channels "
-                         f"(dim 1), expected num_features={num_features}")
+        raise ValueError(f"{module._caller}: expected {module._shape_name} input, got {got}")
+    if input.shape[1] != module.num_features:
+        raise ValueError(f"{module._caller}: input has {input.shape[1]} channels "
+                         f"(dim 1), expected num_features={module.num_features}")
 
 
 def _check_step_count(caller: str, name: str, value: object) -> None:
@@ -163,8 +165,7 @@ class _BatchRenorm(_NormBase):
         self.backend: str = backend
 
     def _check_input_dim(self, input: Tensor) -> None:
-        _check_module_input(type(self).__name__, self._expected_ranks, self._shape_name,
-                            self.num_features, input)
+        _check_module_input(self, input)
 
     def clip_bounds(self) -> Tuple[float, float]:
         """(r_max, d_max) that the next training step will use, for logging.

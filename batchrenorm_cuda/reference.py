@@ -38,28 +38,20 @@ def clip_bounds(
     warmup_steps: int = 0,
     r_max_ramp_steps: int = 0,
     d_max_ramp_steps: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> Tuple[Bound, Bound]:
     """(r_max, d_max) for a training step, given num_batches_tracked before it.
 
-    Returns float64 tensors on step's device (no host synchronisation), or the final bounds as
-    floats when step is None.
+    Computed in float64 and returned as `dtype` tensors (the statistics dtype) on step's device,
+    with no host synchronisation; the final bounds as floats when step is None.
     """
     if step is None:
         return float(r_max), float(d_max)
     fr = ramp_fraction(step, warmup_steps, r_max_ramp_steps)
     fd = ramp_fraction(step, warmup_steps, d_max_ramp_steps)
     # Exactly (1, 0) before a ramp starts, also for r_max or d_max = inf (inf * 0 is NaN).
-    return (torch.where(fr == 0, 1.0, 1.0 + (r_max - 1.0) * fr),
-            torch.where(fd == 0, 0.0, d_max * fd))
-
-
-def clip_bounds_as(dtype: torch.dtype, step: Optional[Tensor], *schedule) -> Tuple[Bound, Bound]:
-    """clip_bounds(step, *schedule) in the statistics dtype (tensors stay on the counter's
-    device: no host synchronisation)."""
-    rmax, dmax = clip_bounds(step, *schedule)
-    if isinstance(rmax, Tensor):
-        rmax, dmax = rmax.to(dtype), dmax.to(dtype)
-    return rmax, dmax
+    return (torch.where(fr == 0, 1.0, 1.0 + (r_max - 1.0) * fr).to(dtype),
+            torch.where(fd == 0, 0.0, d_max * fd).to(dtype))
 
 
 def batch_sigma(mean: Tensor, var: Tensor, count: int, eps: float) -> Tensor:
@@ -71,14 +63,15 @@ def batch_sigma(mean: Tensor, var: Tensor, count: int, eps: float) -> Tensor:
     return torch.where(usable, torch.sqrt(var + eps), float("nan"))
 
 
-@torch.no_grad()
 def corrections(sigma_b: Tensor, mean_offset: Tensor, running_var: Tensor, eps: float,
                 r_max: Bound, d_max: Bound) -> Tuple[Tensor, Tensor]:
     """(r, d) from sigma_B and mu_B - running_mean, against the buffers before this step's
     update; constants for autograd."""
+    # detach(), not a no_grad decorator: under torch.compile the decorator's wrapper is one
+    # more function guarded on every compiled step.
     sigma = torch.sqrt(running_var + eps)
-    return (torch.clamp(sigma_b / sigma, 1.0 / r_max, r_max),
-            torch.clamp(mean_offset / sigma, -d_max, d_max))
+    return (torch.clamp(sigma_b.detach() / sigma, 1.0 / r_max, r_max),
+            torch.clamp(mean_offset.detach() / sigma, -d_max, d_max))
 
 
 def scale_shift(mean: Tensor, invstd: Tensor, r: Tensor, d: Tensor, weight: Optional[Tensor],
@@ -163,8 +156,8 @@ def batch_renorm(
     y = xc / sigma_b.view(shape)
 
     if running_mean is not None:
-        bounds = clip_bounds_as(sdt, num_batches_tracked, r_max, d_max, warmup_steps,
-                                r_max_ramp_steps, d_max_ramp_steps)
+        bounds = clip_bounds(num_batches_tracked, r_max, d_max, warmup_steps, r_max_ramp_steps,
+                             d_max_ramp_steps, sdt)
         r, d = corrections(sigma_b.detach(), (mean.detach() - running_mean) + residue,
                            running_var, eps, *bounds)
         y = y * r.view(shape) + d.view(shape)
@@ -173,8 +166,11 @@ def batch_renorm(
     return _affine(y, weight, bias, shape).to(input.dtype)
 
 
-@torch.no_grad()
 def update_running(mean, var, count, running_mean, running_var, num_batches_tracked, momentum):
+    """The running buffers' in-place update from the batch's mean and (biased) var, as
+    nn.BatchNorm's; the buffers do not require grad (the checks say so), and the statistics are
+    detached here (corrections says why not with a decorator)."""
+    mean, var = mean.detach(), var.detach()
     if momentum is None:
         # Cumulative average, as nn.BatchNorm's momentum=None: factor 1 / (steps so far + 1).
         factor = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
