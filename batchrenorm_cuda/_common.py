@@ -32,7 +32,7 @@ def check_hyperparameter_types(caller: str, momentum: Optional[float], eps: floa
     # The fused path needs these too: the dispatcher would reject a str with a RuntimeError
     # (the reference, and F.batch_norm, give TypeError). This runs on every call of the fused
     # path, so the common case (all floats, as the modules store them) is one expression:
-    # 0.3 us, where a numbers.Real check per value (an ABC lookup) took 1.5 us of a 10 us call
+    # 0.17 us, where a numbers.Real check per value (an ABC lookup) took 1.5 us of a 10 us call
     # on small inputs. isinstance rather than type(value) is float: torch.compile guards a
     # type() per value and layer on every compiled step, and an isinstance on a constant not.
     if (isinstance(eps, float) and isinstance(r_max, float) and isinstance(d_max, float)
