@@ -138,18 +138,25 @@ def run_case(name, shape, layout, kind, compiled: bool, cfg, peer_names=()) -> D
     return row
 
 
-def run_network(name: str, compiled: bool, cfg) -> Dict[str, object]:
+def run_network(name: str, compiled: bool, cfg, placements: int) -> Dict[str, object]:
     """One whole network's training step (forward, loss, backward, optimizer step), BatchRenorm
-    against nn.BatchNorm, interleaved like the blocks."""
+    against nn.BatchNorm, interleaved like the blocks, each over `placements` instances; with the
+    A/A control (nn.BatchNorm against a copy of itself: networks.training_steps says why)."""
     if compiled:
         torch._dynamo.reset()
-    steps = networks.training_steps(name, compiled)
+    steps = networks.training_steps(name, compiled, placements)
+    for step in steps.values():  # each instance's first step, before the harness's warm-up
+        for _ in range(placements):
+            step()
     # mode "fwd" of the harness times the callable as it is: here the whole training step.
     entries = {label: (step, [], nullcontext) for label, step in steps.items()}
     timings = harness.measure_many(entries, torch.empty(0), "fwd", cfg)
     row = dict(case=name, shape=[], layout="", kind="network",
                mode="compiled" if compiled else "eager")
-    _record(row, timings)
+    _record(row, {label: timings[label] for label in ("brn", "bn")})
+    row["placements"] = placements
+    if "samples_ms" in timings.get("bn_copy", {}):
+        row["control_ratio"] = harness.paired_ratio(timings["bn_copy"], timings["bn"])
     return row
 
 
@@ -177,6 +184,12 @@ def summary(rows: List[Dict[str, object]]) -> Dict[str, float]:
                 if ratios:
                     out[f"{threads}t {mode}{label} geomean"] = harness.geomean(ratios)
                     out[f"{threads}t {mode}{label} worst"] = max(ratios)
+            controls = [r["control_ratio"] for r in rows if "control_ratio" in r
+                        and r["threads"] == threads and r["mode"] == mode]
+            if controls:  # how far nn.BatchNorm / itself strays: the resolution of the above
+                out[f"{threads}t {mode} networks A/A geomean"] = harness.geomean(controls)
+                out[f"{threads}t {mode} networks A/A farthest"] = max(
+                    controls, key=lambda c: abs(c - 1.0))
             # The RL layers alone, each implementation / nn.BatchNorm1d (peers where present).
             rl = [r for r in rows if r["threads"] == threads and r["mode"] == mode
                   and r["kind"] == "norm" and len(r["shape"]) == 2]
@@ -189,19 +202,20 @@ def summary(rows: List[Dict[str, object]]) -> Dict[str, float]:
 
 def markdown(result) -> str:
     names = list(result.get("peers", {}))
-    lines = ["| threads | case | layout | kind | mode | brn ms | bn ms | brn / bn |"
+    lines = ["| threads | case | layout | kind | mode | brn ms | bn ms | brn / bn | A/A |"
              + "".join(f" {p} / bn |" for p in names),
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
     for r in result["rows"]:
         ratio = (f"{r['ratio']:.2f}" if "ratio" in r
                  else r.get("error", r.get("brn_error", r.get("bn_error"))))
+        control = f"{r['control_ratio']:.3f}" if "control_ratio" in r else ""
         cells = "".join(
             f" {r[f'{p}_ratio']:.2f}{'' if r.get(f'{p}_fullgraph', True) else ' (graph break)'} |"
             if f"{p}_ratio" in r else f" {'error' if f'{p}_error' in r else ''} |"
             for p in names)
         lines.append(f"| {r['threads']} | {r['case']} | {r['layout']} | {r['kind']} | "
                      f"{r['mode']} | {r.get('brn_ms', float('nan')):.3f} | "
-                     f"{r.get('bn_ms', float('nan')):.3f} | {ratio} |{cells}")
+                     f"{r.get('bn_ms', float('nan')):.3f} | {ratio} | {control} |{cells}")
     lines += ["", "| summary | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in result["summary"].items()]
     env = result["environment"]
@@ -251,6 +265,11 @@ def main(argv=None):
     p.add_argument("--rep-ms", type=float, default=1000.0,
                    help="time budget of the samples per case (at least --min-reps rounds)")
     p.add_argument("--min-reps", type=int, default=15)
+    p.add_argument("--placements", type=int, default=4,
+                   help="instances of each whole network, taken in turn (networks.py says why)")
+    p.add_argument("--network-rep-ms", type=float, default=10000.0,
+                   help="time budget per whole network (at most 200 rounds): a single "
+                        "instance pair resolved about +-1.5 %% with the blocks' 1 s")
     harness.add_allocator_argument(p)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default results/modules_cpu_<cpu>.json); .md and .png too")
@@ -262,6 +281,8 @@ def main(argv=None):
     inductor_config.force_disable_caches = True
     device = torch.device("cpu")
     cfg = harness.TimerConfig(rep_ms=args.rep_ms, min_reps=args.min_reps)
+    network_cfg = harness.TimerConfig(rep_ms=args.network_rep_ms, min_reps=args.min_reps,
+                                      max_reps=200)
     previous = torch.get_num_threads()
     found, skipped = peers.available()
     for name, why in skipped.items():
@@ -282,7 +303,8 @@ def main(argv=None):
                           for compiled in ((False, True) if not args.no_compile else (False,))]
             for name, shape, layout, kind, compiled in cases:
                 try:
-                    row = (run_network(name, compiled, cfg) if kind == "network"
+                    row = (run_network(name, compiled, network_cfg, args.placements)
+                           if kind == "network"
                            else run_case(name, shape, layout, kind, compiled, cfg,
                                          tuple(found)))
                 except Exception as error:  # noqa: BLE001 - one case must not lose the run

@@ -8,6 +8,7 @@ built with nn.BatchNorm and the same seed, so both variants start from the same 
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -83,22 +84,40 @@ NETWORKS: Dict[str, Callable[[], Tuple]] = {
 }
 
 
-def training_steps(name: str, compiled: bool):
-    """{"brn": step, "bn": step}: zero-argument callables doing one training step each."""
-    model, make_opt, x, y, loss_fn = NETWORKS[name]()
-    variants = {"brn": brn.convert_batchnorm(copy.deepcopy(model)), "bn": model}
-    steps = {}
-    for label, net in variants.items():
-        net.train()
-        fn = torch.compile(net) if compiled else net
-        opt = make_opt(net.parameters())
+def training_steps(name: str, compiled: bool, placements: int = 1):
+    """{"brn": step, "bn": step, "bn_copy": step}: zero-argument callables doing one training
+    step each. "bn_copy" is the control: nn.BatchNorm against itself (A/A), whose ratio is what
+    this measurement alone moves.
 
-        def step(fn=fn, opt=opt):
+    Each label has `placements` instances of its model (deep copies, so the same weights), and
+    its step cycles through them, one per call. Why: where the parameters, gradients and
+    optimizer state sit in memory moves a whole step by up to +-1.5 % on this CPU, and it is
+    fixed for one instance (an A/A pair of ResNet-18/4 b2 instances measured 1.4 % apart over
+    150 paired rounds, benchmarks/NOTES.md, issue 22); several instances average it. Compiled,
+    the instances of one label share its graphs (their guards see the same code and values), so
+    this costs no compile."""
+    model, make_opt, x, y, loss_fn = NETWORKS[name]()
+    builders = {"brn": lambda: brn.convert_batchnorm(copy.deepcopy(model)),
+                "bn": lambda: copy.deepcopy(model), "bn_copy": lambda: copy.deepcopy(model)}
+    # Instances built in turn across labels, so that no label gets all the early allocations.
+    instances = {label: [] for label in builders}
+    for _ in range(placements):
+        for label, build in builders.items():
+            net = build().train()
+            instances[label].append((net, torch.compile(net) if compiled else net,
+                                     make_opt(net.parameters())))
+    steps = {}
+    for label, built in instances.items():
+        turn = itertools.cycle(built)
+
+        def step(turn=turn):
+            _, fn, opt = next(turn)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(fn(x), y)
             loss.backward()
             opt.step()
             return loss
 
+        step.models = [net for net, _, _ in built]  # for the tests
         steps[label] = step
     return steps

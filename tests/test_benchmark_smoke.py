@@ -108,13 +108,34 @@ def test_module_benchmark_runs_and_writes_its_results(tmp_path, load_benchmark):
 def test_whole_networks_train_eager(load_benchmark):
     # bench_modules.py --networks: every network's BatchRenorm variant really is converted and
     # takes a finite training step (the timed step is exactly this callable).
+    # Each label's step takes its turn through its instances (placements), one per call.
     networks = load_benchmark("networks.py")
     for name in networks.NETWORKS:
-        steps = networks.training_steps(name, compiled=False)
+        steps = networks.training_steps(name, compiled=False, placements=2)
+        assert set(steps) == {"brn", "bn", "bn_copy"}
         for label, step in steps.items():
-            assert torch.isfinite(step()), (name, label)
-        model = steps["brn"].__defaults__[0]
-        assert any(isinstance(m, batchrenorm_cuda.modules._BatchRenorm) for m in model.modules())
+            for _ in range(2):
+                assert torch.isfinite(step()), (name, label)
+            for model in step.models:
+                renorm = [m for m in model.modules()
+                          if isinstance(m, batchrenorm_cuda.modules._BatchRenorm)]
+                norms = renorm or [m for m in model.modules()
+                                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+                assert bool(renorm) == (label == "brn"), (name, label)
+                assert all(int(m.num_batches_tracked) == 1 for m in norms), (name, label)
+
+
+def test_network_rows_carry_the_control(load_benchmark):
+    # A whole network's row: ours / nn.BatchNorm, and the A/A control (nn.BatchNorm / a copy of
+    # itself) from the same interleaved rounds, summarised per thread count and mode.
+    bench = load_benchmark("bench_modules.py")
+    cfg = bench.harness.TimerConfig(warmup_ms=0.0, reps=3)
+    row = bench.run_network("crossq critic 512x512", False, cfg, placements=2)
+    row["threads"] = 1
+    assert row["placements"] == 2 and row["reps"] == 3
+    assert row["ratio"] > 0 and row["control_ratio"] > 0
+    summary = bench.summary([row])
+    assert summary["1t eager networks A/A geomean"] == row["control_ratio"]
 
 
 def test_cpu_runs_keep_freed_memory(tmp_path):
