@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import statistics
 import sys
@@ -29,21 +28,18 @@ from pathlib import Path
 import torch
 
 import networks
-import batchrenorm_cuda as brn
 
 PHASES = ("forward", "backward", "optimizer", "step")
 HELPERS = ("empty_strided_cpu", "reinterpret_tensor", "assert_size_stride")
 
 
 def _variants(name: str):
-    model, make_opt, x, y, loss_fn = networks.NETWORKS[name]()
-    nets = {"bn": model, "bn_copy": copy.deepcopy(model),
-            "brn": brn.convert_batchnorm(copy.deepcopy(model))}
-    compiled = {k: (torch.compile(net.train()), make_opt(net.parameters()))
-                for k, net in nets.items()}
+    """networks.instances' three labels, compiled, one instance each, and a step that times its
+    phases into `times` (the phases' boundaries are the step's own calls)."""
+    built, x, y, loss_fn = networks.instances(name, compiled=True)
 
     def step(label: str, times=None):
-        fn, opt = compiled[label]
+        _, fn, opt = built[label][0]
         opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         out = fn(x)
@@ -56,7 +52,7 @@ def _variants(name: str):
             for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                 times[label][phase].append(dt * 1e6)
 
-    return list(nets), step
+    return list(built), step
 
 
 def _rounds(labels, step, rounds: int, times=None) -> None:
@@ -74,8 +70,9 @@ def _generated_modules() -> dict:
             if "torchinductor" in str(getattr(m, "__file__", "")) and m.__file__.endswith(".py")}
 
 
-def _instrument(labels, step, rounds: int) -> dict:
-    """Part 2: {label: {graph index: {piece: [count per call, median us per step]}}}."""
+def _instrument(step, rounds: int) -> dict:
+    """Part 2: {label: {graph index: {piece: [calls per step, us per step]}}}, the graph call's
+    median and its pieces' mean, for "bn" and "brn"."""
     from torch._inductor.output_code import CompiledFxGraph
     acc = collections.defaultdict(list)
 
@@ -165,7 +162,7 @@ def main(argv=None) -> None:
         print(f"  {phase:9s} medians " + ", ".join(f"{k} {v:.0f}" for k, v in medians.items())
               + "; paired minus bn: " + ", ".join(f"{k} {v:+.0f}" for k, v in diffs.items()))
     try:
-        result["inside_graphs"] = _instrument(labels, step, args.rounds)
+        result["inside_graphs"] = _instrument(step, args.rounds)
     except (ImportError, AttributeError) as error:
         print(f"  part 2 skipped: Inductor's private names moved ({error!r})")
     for label, graphs in result.get("inside_graphs", {}).items():

@@ -84,31 +84,37 @@ NETWORKS: Dict[str, Callable[[], Tuple]] = {
 }
 
 
-def training_steps(name: str, compiled: bool, placements: int = 1):
-    """{"brn": step, "bn": step, "bn_copy": step}: zero-argument callables doing one training
-    step each. "bn_copy" is the control: nn.BatchNorm against itself (A/A), whose ratio is what
-    this measurement alone moves.
+def instances(name: str, compiled: bool, placements: int = 1):
+    """({label: [(model, callable, optimizer), ...]}, input, target, loss function) for the
+    labels "brn" (converted with convert_batchnorm), "bn" and "bn_copy": the control, nn.BatchNorm
+    against itself (A/A), whose ratio is what the measurement alone moves. Each label has
+    `placements` instances (deep copies: the same weights).
 
-    Each label has `placements` instances of its model (deep copies, so the same weights), and
-    its step cycles through them, one per call. Why: where the parameters, gradients and
-    optimizer state sit in memory moves a whole step by up to +-1.5 % on this CPU, and it is
-    fixed for one instance (an A/A pair of ResNet-18/4 b2 instances measured 1.4 % apart over
-    150 paired rounds, benchmarks/NOTES.md, issue 22); several instances average it. Compiled,
-    the instances of one label share its graphs (their guards see the same code and values), so
-    this costs no compile."""
+    Why several: where the parameters, gradients and optimizer state sit in memory moves a whole
+    step by up to +-1.5 % on this CPU, and it is fixed for one instance (an A/A pair of
+    ResNet-18/4 b2 instances measured 1.4 % apart over 150 paired rounds, benchmarks/NOTES.md,
+    issue 22); taking several in turn averages it. Compiled, the instances of one label share its
+    graphs (their guards see the same code and values), so this costs no compile."""
     model, make_opt, x, y, loss_fn = NETWORKS[name]()
     builders = {"brn": lambda: brn.convert_batchnorm(copy.deepcopy(model)),
                 "bn": lambda: copy.deepcopy(model), "bn_copy": lambda: copy.deepcopy(model)}
-    # Instances built in turn across labels, so that no label gets all the early allocations.
-    instances = {label: [] for label in builders}
+    # Built in turn across labels, so that no label gets all the early allocations.
+    built = {label: [] for label in builders}
     for _ in range(placements):
         for label, build in builders.items():
             net = build().train()
-            instances[label].append((net, torch.compile(net) if compiled else net,
-                                     make_opt(net.parameters())))
+            built[label].append((net, torch.compile(net) if compiled else net,
+                                 make_opt(net.parameters())))
+    return built, x, y, loss_fn
+
+
+def training_steps(name: str, compiled: bool, placements: int = 1):
+    """{label: step}: zero-argument callables doing one training step each (forward, loss,
+    backward, optimizer step) of instances()'s models, taking their instances in turn."""
+    built, x, y, loss_fn = instances(name, compiled, placements)
     steps = {}
-    for label, built in instances.items():
-        turn = itertools.cycle(built)
+    for label, models in built.items():
+        turn = itertools.cycle(models)
 
         def step(turn=turn):
             _, fn, opt = next(turn)
@@ -118,6 +124,6 @@ def training_steps(name: str, compiled: bool, placements: int = 1):
             opt.step()
             return loss
 
-        step.models = [net for net, _, _ in built]  # for the tests
+        step.models = [net for net, _, _ in models]  # for the tests
         steps[label] = step
     return steps
