@@ -141,7 +141,7 @@ def run_case(name, shape, layout, kind, compiled: bool, cfg, peer_names=()) -> D
 def run_network(name: str, compiled: bool, cfg, placements: int) -> Dict[str, object]:
     """One whole network's training step (forward, loss, backward, optimizer step), BatchRenorm
     against nn.BatchNorm, interleaved like the blocks, each over `placements` instances; with the
-    A/A control (nn.BatchNorm against a copy of itself: networks.training_steps says why)."""
+    A/A control (nn.BatchNorm against a copy of itself: networks.instances says why)."""
     if compiled:
         torch._dynamo.reset()
     steps = networks.training_steps(name, compiled, placements)
