@@ -3,9 +3,10 @@ issue 22's diagnostic, for the cases bench_modules.py finds above 1.0.
 
 Two measurements, each interleaved in one process in a rotated order, paired per round:
 
-1. The step split into its phases (the compiled forward call with Dynamo's guards, the backward,
-   the optimizer step), for nn.BatchNorm, a copy of it (the A/A control: what placement and
-   order alone move), and ours. Nothing is instrumented here.
+1. The step split into its phases (the compiled forward call with Dynamo's guards, and the
+   loss; the backward; the optimizer step: networks.train_step's marks), for nn.BatchNorm, a
+   copy of it (the A/A control: what placement and order alone move), and ours. Nothing is
+   instrumented here.
 2. Inside Inductor's generated modules: each graph's call, and in it the generated kernels, the
    extern calls (convolutions, matmuls) and the Python wrapper's helper calls (allocations,
    `reinterpret_tensor` views, size asserts), counted and timed by wrapping them. The wrappers
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import harness
 import networks
 
 PHASES = ("forward", "backward", "optimizer", "step")
@@ -40,15 +42,10 @@ def _variants(name: str):
 
     def step(label: str, times=None):
         _, fn, opt = built[label][0]
-        opt.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        out = fn(x)
-        t1 = time.perf_counter()
-        loss_fn(out, y).backward()
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
+        marks = [time.perf_counter()]
+        networks.train_step(fn, opt, x, y, loss_fn, marks)
         if times is not None:
+            t0, t1, t2, t3 = marks
             for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                 times[label][phase].append(dt * 1e6)
 
@@ -57,7 +54,7 @@ def _variants(name: str):
 
 def _rounds(labels, step, rounds: int, times=None) -> None:
     for i in range(rounds):
-        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+        for label in harness.rotated(labels, i):
             step(label, times)
 
 

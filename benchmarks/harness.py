@@ -214,7 +214,7 @@ def measure_many(entries: Dict[str, Tuple[Callable[[], torch.Tensor], Sequence[t
     samples: Dict[str, List[float]] = {name: [] for name in names}
     contexts = {name: entries[name][2] for name in names}
     for i in range(n):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in rotated(names, i):
             with contexts[name]():
                 t0 = time.perf_counter()
                 steps[name]()
@@ -226,6 +226,14 @@ def measure_many(entries: Dict[str, Tuple[Callable[[], torch.Tensor], Sequence[t
                          reps=wall.reps, timer="perf_counter, interleaved",
                          samples_ms=samples[name])
     return out
+
+
+def rotated(names: Sequence[str], round_index: int) -> List[str]:
+    """The order of one interleaved round: the names rotated by the round's index, so that each
+    runs first, second, ... equally often and no position's effect (a cache warmed by the one
+    before) falls on one name."""
+    k = round_index % len(names)
+    return list(names[k:]) + list(names[:k])
 
 
 def paired_ratio(a: Dict[str, object], b: Dict[str, object]) -> Optional[float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -108,6 +109,23 @@ def instances(name: str, compiled: bool, placements: int = 1):
     return built, x, y, loss_fn
 
 
+def train_step(fn, opt, x, y, loss_fn, marks=None):
+    """One training step: forward, loss, backward, optimizer step. If `marks` is a list, the
+    perf_counter times after the forward, the backward and the optimizer step are appended to it
+    (compiled_breakdown.py's phases)."""
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(fn(x), y)
+    if marks is not None:
+        marks.append(time.perf_counter())
+    loss.backward()
+    if marks is not None:
+        marks.append(time.perf_counter())
+    opt.step()
+    if marks is not None:
+        marks.append(time.perf_counter())
+    return loss
+
+
 def training_steps(name: str, compiled: bool, placements: int = 1):
     """{label: step}: zero-argument callables doing one training step each (forward, loss,
     backward, optimizer step) of instances()'s models, taking their instances in turn."""
@@ -118,11 +136,7 @@ def training_steps(name: str, compiled: bool, placements: int = 1):
 
         def step(turn=turn):
             _, fn, opt = next(turn)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(fn(x), y)
-            loss.backward()
-            opt.step()
-            return loss
+            return train_step(fn, opt, x, y, loss_fn)
 
         step.models = [net for net, _, _ in models]  # for the tests
         steps[label] = step
