@@ -12,6 +12,7 @@ import warnings
 from typing import NoReturn, Optional, Tuple, Union
 
 import torch
+import torch._dynamo
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -127,6 +128,15 @@ class _BatchRenorm(_NormBase):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         cls._caller = cls.__name__
+        # torch.compile treats our classes as it treats torch.nn's own (nn.BatchNorm2d): their
+        # buffers get no no-aliasing guard and their int attributes stay constants. As user
+        # classes, their in-place buffer updates cost every compiled step a guard over all the
+        # model's buffers (ResNet-18/4: -100 us a step, benchmarks/NOTES.md, issue 22). A user's
+        # subclass stays a user class, as a subclass of nn.BatchNorm2d does.
+        if cls.__module__.startswith(__package__ + "."):
+            torch._dynamo.mark_static(cls)
+        else:
+            cls._dynamo_marked_static = False  # what mark_static sets, not inherited from ours
 
     def __init__(
         self,

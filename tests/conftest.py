@@ -20,14 +20,14 @@ def _seed():
 
 @pytest.fixture
 def fused_backward(monkeypatch):
-    """Compiled training backwards on our fused kernel for every layer (small CPU layers
-    otherwise get a generated one, _compiled.py), with Dynamo's caches reset first: parametrised
-    tests compile the same function once a case, more times in one process than Dynamo's
-    recompile limit (8) allows. A test wanting the default threshold calls monkeypatch.undo()."""
+    """Compiled training backwards on our fused kernel (CPU layers otherwise get a generated
+    one, _compiled.py), with Dynamo's caches reset first: parametrised tests compile the same
+    function once a case, more times in one process than Dynamo's recompile limit (8) allows.
+    A test wanting the default calls monkeypatch.undo()."""
     from batchrenorm_cuda import _compiled
 
     torch._dynamo.reset()
-    monkeypatch.setattr(_compiled, "GENERATED_BACKWARD_MAX_NUMEL", 0)
+    monkeypatch.setattr(_compiled, "GENERATED_BACKWARD_ON_CPU", False)
 
 
 def pytest_configure(config):
