@@ -44,24 +44,25 @@ class _Renormalize(torch.autograd.Function):
     """y = weight * ((x - mean) * invstd * r + d) + bias, with BatchNorm's gradient through the
     batch statistics: mean, invstd, r and d come in as constants, and the backward (the fused
     kernel, or _generated_backward) differentiates mean and invstd as functions of x itself
-    (train=True). r and d come stacked in one (2, C) tensor: forward_train says why."""
+    (train=True). The four come as the rows of one (4, C) tensor: forward_train says why."""
 
     @staticmethod
-    def forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                invstd: Tensor, r_d: Tensor) -> Tensor:
-        r, d = r_d.unbind(0)
+    def forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                stats: Tensor) -> Tensor:
+        mean, invstd, r, d = stats[0], stats[1], stats[2], stats[3]
         return apply_scale_shift(input, *scale_shift(mean, invstd, r, d, weight, bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        input, weight, bias, mean, invstd, r_d = inputs
-        ctx.save_for_backward(input, weight, mean, invstd, r_d)
+        input, weight, bias, stats = inputs
+        ctx.save_for_backward(input, weight, stats)
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        input, weight, mean, invstd, r_d = ctx.saved_tensors
-        r, d = r_d.unbind(0)
+        input, weight, stats = ctx.saved_tensors
+        # Rows by index, not unbind: the partitioner then saves `stats` itself, not four views.
+        mean, invstd, r, d = stats[0], stats[1], stats[2], stats[3]
         needs = ctx.needs_input_grad
         mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
         # CPU layers get the generated backward (the module docstring says why). Inline, not a
@@ -70,7 +71,7 @@ class _Renormalize(torch.autograd.Function):
             grads = _generated_backward(grad_output, input, weight, mean, invstd, r, d, mask)
         else:
             grads = _ops.OPS.backward(grad_output, input, weight, mean, invstd, r, d, True, mask)
-        return (*grads, None, None, None)
+        return (*grads, None)
 
 
 def _generated_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
@@ -119,10 +120,13 @@ def forward_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
             # The counter too: it advances with the running statistics, as in the kernels.
             update_running(mean, var, count, running_mean, running_var, num_batches_tracked,
                            momentum)
-        # r and d read the buffers this forward then updates in place. AOTAutograd's partitioner
-        # may recompute such a read in the backward graph instead of saving it, and would then
-        # read the updated buffers (pytorch/pytorch#197039): wrong gradients from the second
-        # step on. A stack is not among the ops it recomputes, so it saves r and d as they were.
-        r_d = torch.stack((r, d))
-    return _Renormalize.apply(input, weight, bias, mean, 1.0 / sigma_b, r_d)
+        # One tensor for the backward, rows mean, invstd, r, d: one saved output a layer where
+        # there were four (each one more output, saved variable and size check a step, and a view
+        # of the buffer Inductor writes them into). And r and d read the buffers this forward then
+        # updates in place: AOTAutograd's partitioner may recompute such a read in the backward
+        # graph instead of saving it, and would then read the updated buffers
+        # (pytorch/pytorch#197039): wrong gradients from the second step on. A stack is not among
+        # the ops it recomputes, so it saves r and d as they were.
+        stats = torch.stack((mean, 1.0 / sigma_b, r, d))
+    return _Renormalize.apply(input, weight, bias, stats)
 
