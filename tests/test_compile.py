@@ -179,8 +179,8 @@ def test_compiled_training_is_fused_and_recomputed_as_batchnorm_is(monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 8, 16, 16), (2, 8, 64, 80)], ids=["small", "large"])
 def test_cpu_layers_get_a_generated_backward(shape, monkeypatch):
     """By default a CPU layer of any size gets its compiled backward from Inductor (no call of
-    ours in the backward graph), with eager's gradients; the fused_backward fixture's setting
-    puts our kernel back."""
+    ours in the backward graph), with eager's gradients (the tests above check that the
+    fused_backward fixture's setting puts our kernel back)."""
     monkeypatch.undo()  # the module's default, not the fused_backward fixture's
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
